@@ -1,0 +1,309 @@
+"""A tiny SD1.5-shaped model family built in code, deterministic by seed, written in real on-disk layouts.
+
+Used by the test suite and ``make demo``; nothing is downloaded. The UNet keeps SD1.5's exact block
+layout (so family detection says ``sd15``) at a fraction of the width.
+
+Example:
+    >>> fam = build_tiny_family("/tmp/tiny")      # doctest: +SKIP
+    >>> fam.style_lora_kohya                      # doctest: +SKIP
+    PosixPath('/tmp/tiny/style_lora_kohya.safetensors')
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from weightlab.families import SD15
+
+TINY_UNET_CONFIG = dict(
+    SD15.unet_config, sample_size=16, block_out_channels=(16, 32, 64, 64), cross_attention_dim=32,
+    norm_num_groups=8,
+)
+TINY_MOTION_CONFIG = dict(
+    SD15.motion_config, block_out_channels=(16, 32, 64, 64), motion_norm_num_groups=16,
+)
+TINY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4, sample_size=32,
+)
+# AnimateLCM's own scheduler config (DESIGN.md "Video assembly").
+ANIMATELCM_SCHEDULER = dict(
+    beta_schedule="linear", beta_start=0.00085, beta_end=0.012, original_inference_steps=100, steps_offset=1,
+    num_train_timesteps=1000, clip_sample=False,
+)
+STYLE_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                 "attn2.to_v", "attn2.to_out.0", "proj_in", "conv1", "conv2")
+# LCM-LoRA target module names (DESIGN.md "Trainers").
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+MOTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+VERSION = "1"
+# Token ids of the tiny vocab: 256 bytes, 256 bytes + "</w>", 10 merges, then the two specials.
+BOS_ID, EOS_ID = 522, 523
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """Paths of every file of the tiny family."""
+
+    root: Path
+    base_dir: Path  # diffusers pipeline folder (unet/, text_encoder/, tokenizer/, vae/, scheduler/)
+    base_ldm: Path  # single-file LDM checkpoint (model.diffusion_model.*)
+    style_lora_peft: Path
+    style_lora_kohya: Path
+    accel_lora: Path  # kohya keys, LCM-LoRA targets, rank 12 (not a multiple of 16)
+    style_dense: Path  # full fine-tune of the base, LDM layout
+    motion_dir: Path  # diffusers MotionAdapter folder
+    motion_animatediff: Path  # original AnimateDiff keys, with pos_encoder tables
+    motion_animatelcm: Path  # original keys without pos_encoder (as AnimateLCM ships)
+    motion_lora: Path  # PEFT keys over motion-module attention
+
+    def files(self) -> dict[str, Path]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "root"}
+
+
+def tiny_family_paths(root: str | Path) -> TinyFamily:
+    root = Path(root)
+    return TinyFamily(
+        root=root, base_dir=root / "base", base_ldm=root / "base_ldm.safetensors",
+        style_lora_peft=root / "style_lora_peft.safetensors", style_lora_kohya=root / "style_lora_kohya.safetensors",
+        accel_lora=root / "accel_lcm_lora.safetensors", style_dense=root / "style_dense.safetensors",
+        motion_dir=root / "motion_adapter", motion_animatediff=root / "motion_animatediff.safetensors",
+        motion_animatelcm=root / "motion_animatelcm.safetensors", motion_lora=root / "motion_lora.safetensors",
+    )
+
+
+def _gen(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def _randomize(module, seed: int, std: float = 0.05) -> None:
+    """Deterministic weights for every parameter (so zero-initialised branches such as proj_out are live)."""
+    import torch
+
+    g = _gen(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if name.endswith("norm.weight") or ".norm" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g) if p.dim() > 1 else 0.02 * torch.randn(p.shape, generator=g))
+
+
+def build_tokenizer(folder: Path):
+    """A CLIPTokenizer from a byte-level vocab and a few merges written here (no hub)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("c", "a"), ("ca", "t</w>"),
+              ("i", "n"), ("in", "g</w>"), ("o", "n</w>"), ("s", "t")]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    assert vocab.index("<|startoftext|>") == BOS_ID and vocab.index("<|endoftext|>") == EOS_ID
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "pad_token": "<|endoftext|>"}))
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet: the 256 printable stand-ins for bytes, in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def build_base_components(seed: int = 0):
+    """Tiny UNet2DConditionModel, CLIPTextModel, AutoencoderKL and LCMScheduler, deterministic by seed."""
+    import torch
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    _randomize(unet, seed)
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID))
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    scheduler = LCMScheduler(**ANIMATELCM_SCHEDULER)
+    return unet, text_encoder, vae, scheduler
+
+
+def build_motion_adapter(seed: int = 0):
+    from diffusers import MotionAdapter
+
+    adapter = MotionAdapter(**TINY_MOTION_CONFIG)
+    _randomize(adapter, seed + 10, std=0.1)
+    return adapter
+
+
+def _lora_pair(out_f: int, in_f: int, rank: int, conv_kernel: tuple[int, int] | None, g):
+    import torch
+
+    if conv_kernel is None:
+        return 0.3 * torch.randn(rank, in_f, generator=g), 0.3 * torch.randn(out_f, rank, generator=g)
+    kh, kw = conv_kernel
+    return 0.3 * torch.randn(rank, in_f, kh, kw, generator=g), 0.3 * torch.randn(out_f, rank, 1, 1, generator=g)
+
+
+def make_lora(model, targets, rank: int, seed: int, *, prefix_filter=lambda n: True):
+    """Random LoRA factors for every module of ``model`` whose path ends with one of ``targets``.
+
+    Returns ``{module_path: (down, up)}`` with down ``[r, in(, kh, kw)]`` and up ``[out, r(, 1, 1)]``.
+    """
+    import torch
+
+    g = _gen(seed)
+    out = {}
+    for name, mod in sorted(model.named_modules()):
+        if not prefix_filter(name) or not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            out[name] = _lora_pair(mod.out_features, mod.in_features, rank, None, g)
+        elif isinstance(mod, torch.nn.Conv2d):
+            out[name] = _lora_pair(mod.out_channels, mod.in_channels, rank, tuple(mod.kernel_size), g)
+    return out
+
+
+def lora_to_peft(factors, *, prefix: str = "unet.", scale: float = 1.0) -> dict:
+    """diffusers/PEFT keys: ``unet.<path>.lora_A.weight`` (down), ``lora_B.weight`` (up, times ``scale``)."""
+    sd = {}
+    for path, (down, up) in factors.items():
+        sd[f"{prefix}{path}.lora_A.weight"] = down.contiguous()
+        sd[f"{prefix}{path}.lora_B.weight"] = (up * scale).contiguous()
+    return sd
+
+
+def lora_to_kohya(factors, alpha: float) -> dict:
+    """kohya/A1111 keys: ``lora_unet_<path_with_underscores>.lora_down.weight``/``.lora_up.weight``/``.alpha``."""
+    import torch
+
+    sd = {}
+    for path, (down, up) in factors.items():
+        k = "lora_unet_" + path.replace(".", "_")
+        sd[f"{k}.lora_down.weight"] = down.contiguous()
+        sd[f"{k}.lora_up.weight"] = up.contiguous()
+        sd[f"{k}.alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+def diffusers_to_ldm_unet(state_dict: dict) -> dict:
+    """Inverse of diffusers' ``convert_ldm_unet_checkpoint`` for the SD1.x block layout (fixtures only).
+
+    The mapping tables follow diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``.
+    """
+    top = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+           ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+    resnet = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
+              ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
+    layer = []
+    for i in range(4):
+        for j in range(2):
+            layer.append((f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
+            if i < 3:
+                layer.append((f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
+        for j in range(3):
+            layer.append((f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+            if i > 0:
+                layer.append((f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
+        if i < 3:
+            layer.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+            layer.append((f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0."))
+    layer.append(("middle_block.1.", "mid_block.attentions.0."))
+    for j in range(2):
+        layer.append((f"middle_block.{2 * j}.", f"mid_block.resnets.{j}."))
+    out = {}
+    for k, v in state_dict.items():
+        name = k
+        for sd_part, hf_part in top:
+            if name.startswith(hf_part):
+                name = sd_part + name[len(hf_part):]
+        if "resnets" in name:
+            for sd_part, hf_part in resnet:
+                name = name.replace(hf_part, sd_part)
+        for sd_part, hf_part in layer:
+            name = name.replace(hf_part, sd_part)
+        out["model.diffusion_model." + name] = v
+    return out
+
+
+def diffusers_to_animatediff(state_dict: dict, *, with_pos_encoder: bool) -> dict:
+    """Inverse of diffusers' AnimateDiff converter: original ``temporal_transformer``/``attention_blocks`` keys."""
+    import re
+
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith("pos_embed.pe"):
+            if with_pos_encoder:  # the original keeps one table per attention block
+                base = k[: -len("pos_embed.pe")]
+                for a in (0, 1):
+                    out[re.sub(r"(motion_modules\.\d+\.)", r"\1temporal_transformer.", base)
+                        + f"attention_blocks.{a}.pos_encoder.pe"] = v.clone()
+            continue
+        name = re.sub(r"(motion_modules\.\d+\.)", r"\1temporal_transformer.", k)
+        name = (name.replace(".attn1.", ".attention_blocks.0.").replace(".attn2.", ".attention_blocks.1.")
+                .replace(".norm1.", ".norms.0.").replace(".norm2.", ".norms.1.").replace(".norm3.", ".ff_norm."))
+        out[name] = v
+    return out
+
+
+def build_tiny_family(root: str | Path, seed: int = 0, *, force: bool = False) -> TinyFamily:
+    """Write the whole tiny family under ``root`` (skipped if already built with the same seed).
+
+    Args:
+        root (str | Path): output folder.
+        seed (int, default 0): every tensor is a function of this seed.
+        force (bool, default False): rebuild even if a matching build exists.
+    Returns:
+        TinyFamily: the paths.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from weightlab.files import save_tensors
+
+    fam = tiny_family_paths(root)
+    stamp = fam.root / "tiny_family.json"
+    want = {"seed": seed, "version": VERSION}
+    if not force and stamp.is_file() and json.loads(stamp.read_text()) == want and all(p.exists() for p in fam.files().values()):
+        return fam
+    fam.root.mkdir(parents=True, exist_ok=True)
+
+    unet, text_encoder, vae, scheduler = build_base_components(seed)
+    tokenizer = build_tokenizer(fam.root / ".tokenizer_src")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(fam.base_dir)
+    base_sd = unet.state_dict()
+    save_tensors(diffusers_to_ldm_unet(base_sd), fam.base_ldm)
+
+    style = make_lora(unet, STYLE_TARGETS, rank=4, seed=seed + 100)
+    save_tensors(lora_to_peft(style, scale=0.5), fam.style_lora_peft)  # alpha/rank = 2/4 folded into B
+    save_tensors(lora_to_kohya(style, alpha=2.0), fam.style_lora_kohya)
+
+    accel = make_lora(unet, LCM_LORA_TARGETS, rank=12, seed=seed + 200)
+    save_tensors(lora_to_kohya(accel, alpha=6.0), fam.accel_lora)
+
+    g = _gen(seed + 300)
+    dense = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base_sd.items()}
+    save_tensors(diffusers_to_ldm_unet(dense), fam.style_dense)
+
+    adapter = build_motion_adapter(seed)
+    adapter.save_pretrained(fam.motion_dir)
+    msd = adapter.state_dict()
+    save_tensors(diffusers_to_animatediff(msd, with_pos_encoder=True), fam.motion_animatediff)
+    save_tensors(diffusers_to_animatediff(msd, with_pos_encoder=False), fam.motion_animatelcm)
+
+    mlora = make_lora(adapter, MOTION_LORA_TARGETS, rank=4, seed=seed + 400)
+    save_tensors(lora_to_peft(mlora), fam.motion_lora)
+
+    stamp.write_text(json.dumps(want))
+    return fam
