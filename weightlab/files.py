@@ -13,12 +13,14 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from weightlab.errors import FileFormatError, UnsafeFileError
+from weightlab.errors import FileFormatError, UnsafeFileError, fmt_keys
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 DTYPE_SIZES = {
@@ -51,6 +53,13 @@ class Header:
         return sum(t.end - t.start for t in self.tensors.values())
 
 
+def _no_duplicates(pairs: list) -> dict:
+    names = [k for k, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate names {fmt_keys({k for k in names if names.count(k) > 1})}")
+    return dict(pairs)
+
+
 def read_header(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
     """Read and validate a safetensors header without loading tensor data.
 
@@ -75,9 +84,9 @@ def read_header(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_B
     except OSError as e:
         raise FileFormatError(f"{path}: cannot read: {e}") from e
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FileFormatError(f"{path}: header is not valid JSON ({e}); this is not a safetensors file.") from e
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, duplicate names, absurd nesting
+        raise FileFormatError(f"{path}: header is not valid JSON ({e}); this is not a safetensors file.") from None
     if not isinstance(doc, dict):
         raise FileFormatError(f"{path}: header is not a JSON object; this is not a safetensors file.")
     meta = doc.pop("__metadata__", None) or {}
@@ -185,33 +194,54 @@ def load_tensors(path: str | os.PathLike, *, allow_pickle: bool = False, device:
 
 
 def _pickle_child(src: str, dst: str) -> None:
+    """Child-process side of :func:`load_pickle`: weights-only unpickling, then re-saved as safetensors."""
     import torch
     from safetensors.torch import save_file
 
-    obj = torch.load(src, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # one line for the parent's error message (torch's own message is a page long)
+        lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith(_TORCH_BOILERPLATE)]
+        raise SystemExit(f"{type(e).__name__}: {lines[0] if lines else e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise SystemExit(f"not a state dict: {type(obj).__name__}")
-    tensors = {k: v.contiguous() for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        raise SystemExit(f"not a state dict but a {type(obj).__name__}")
+    tensors, seen = {}, set()
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        storage = v.untyped_storage()
+        # safetensors refuses tensors that share memory (tied weights, views): give those their own copy.
+        if storage.data_ptr() in seen or storage.nbytes() != v.nbytes or not v.is_contiguous():
+            v = v.clone(memory_format=torch.contiguous_format)
+        else:
+            seen.add(storage.data_ptr())
+        tensors[k] = v
     save_file(tensors, dst)
 
 
-def load_pickle(path: str | os.PathLike) -> dict:
-    """Read a pickle checkpoint with ``torch.load(weights_only=True)`` in a child process, via safetensors."""
-    import multiprocessing as mp
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
+
+def load_pickle(path: str | os.PathLike) -> dict:
+    """Read a pickle checkpoint with ``torch.load(weights_only=True)`` in a child process, via safetensors.
+
+    The child is a fresh interpreter (not ``multiprocessing``, which re-imports the caller's ``__main__``).
+    """
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:
         dst = os.path.join(tmp, "converted.safetensors")
-        proc = mp.get_context("spawn").Process(target=_pickle_child, args=(str(path), dst))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0 or not os.path.exists(dst):
+        code = "import sys; from weightlab.files import _pickle_child; _pickle_child(sys.argv[1], sys.argv[2])"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")))))
+        proc = subprocess.run([sys.executable, "-c", code, str(path), dst], env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(dst):
+            reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
             raise FileFormatError(
-                f"{path}: could not be read as a weights-only torch checkpoint (exit code {proc.exitcode}). "
-                "It may hold code objects or be corrupt; only plain tensor state dicts are accepted.")
+                f"{path}: could not be read as a weights-only torch checkpoint ({reason}). It may hold code objects "
+                "or be corrupt; only plain tensor state dicts are accepted. Fix: re-export it as .safetensors from a trusted copy.")
         tensors = load_file(dst)
         return {k: v.clone() for k, v in tensors.items()}
 
@@ -240,3 +270,39 @@ def save_tensors(tensors: Mapping, path: str | os.PathLike, metadata: Mapping[st
 
     data = {k: v.detach().contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=dict(metadata or {})))
+
+
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def mmap_tensors(path: str | os.PathLike, header: Header | None = None) -> dict:
+    """Zero-copy tensors over a private (copy-on-write) memory map of a validated safetensors file.
+
+    Pages are read on demand and never written back, so this is the "pristine base" the merge engine
+    reads from: writing into a returned tensor cannot change the file.
+    """
+    import mmap
+
+    import torch
+
+    header = header or read_header(path)
+    out: dict = {}
+    if not header.tensors:
+        return out
+    with open(header.path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    import warnings
+
+    for name, t in header.tensors.items():
+        dtype = getattr(torch, _TORCH_DTYPES[t.dtype])
+        if t.end == t.start:
+            out[name] = torch.empty(t.shape, dtype=dtype)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flat = torch.frombuffer(mm, dtype=dtype, count=(t.end - t.start) // DTYPE_SIZES[t.dtype], offset=t.start)
+        out[name] = flat.view(t.shape)
+    return out

@@ -19,7 +19,7 @@ from weightlab.families import SD15
 
 TINY_UNET_CONFIG = dict(
     SD15.unet_config, sample_size=16, block_out_channels=(16, 32, 64, 64), cross_attention_dim=32,
-    norm_num_groups=8,
+    norm_num_groups=16,
 )
 TINY_MOTION_CONFIG = dict(
     SD15.motion_config, block_out_channels=(16, 32, 64, 64), motion_norm_num_groups=16,

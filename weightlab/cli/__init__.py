@@ -20,8 +20,10 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 def _register() -> None:
     from weightlab.cli import inspect as _inspect
+    from weightlab.cli import merge as _merge
 
     _inspect.register(app)
+    _merge.register(app)
 
 
 _register()

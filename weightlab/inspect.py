@@ -1,0 +1,67 @@
+"""``inspect_path``: what a weight file or folder is, without merging anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from weightlab.files import file_sha256, read_header, tensor_hash
+from weightlab.loading import PICKLE_WEIGHT_FILES, WEIGHT_FILES, load
+from weightlab.residuals import LoRA
+
+
+class Inspection(BaseModel):
+    """Facts about one residual file or folder."""
+
+    path: str
+    format: str  # "safetensors" | "diffusers" | "pickle"
+    family: str
+    kind_guess: str
+    representation: str
+    ranks: list[int] = []
+    alphas: list[float] = []
+    n_targets: int
+    dtypes: list[str]
+    n_params: int
+    size_bytes: int
+    file_sha256: str
+    tensor_hash: str | None  # header-independent; None for pickles
+    weights_file: str
+    config: dict | None = None
+    skipped: list[str] = []
+
+
+def weights_file(path: Path) -> Path:
+    """The single file holding the tensors of ``path`` (itself, or the weights file inside a diffusers folder)."""
+    if not path.is_dir():
+        return path
+    folder = path / "unet" if (path / "unet").is_dir() else path
+    for name in WEIGHT_FILES + PICKLE_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    return folder
+
+
+def inspect_path(path: str | Path, *, allow_pickle: bool = False) -> Inspection:
+    """Inspect a file or diffusers folder (lenient: unmatched keys are listed in ``skipped``, not raised).
+
+    Example:
+        >>> inspect_path("style.safetensors").ranks   # doctest: +SKIP
+        [4]
+    """
+    path = Path(path)
+    res = load(path, allow_pickle=allow_pickle, strict=False)
+    wfile = weights_file(path)
+    tensors = res.tensors()
+    is_st = wfile.suffix == ".safetensors"
+    return Inspection(
+        path=str(path), format="diffusers" if path.is_dir() else ("safetensors" if is_st else "pickle"),
+        family=res.family, kind_guess=res.kind, representation=res.representation,
+        ranks=res.ranks if isinstance(res, LoRA) else [], alphas=res.alphas if isinstance(res, LoRA) else [],
+        n_targets=len(res.targets) if isinstance(res, LoRA) else len(tensors),
+        dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        n_params=sum(t.numel() for t in tensors.values()), size_bytes=wfile.stat().st_size,
+        file_sha256=file_sha256(wfile), tensor_hash=tensor_hash(wfile, read_header(wfile)) if is_st else None,
+        weights_file=str(wfile), config=getattr(res, "config", None) or None, skipped=res.skipped,
+    )

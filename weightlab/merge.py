@@ -1,0 +1,368 @@
+"""The merge engine: ``w' = w0 + α·τ_style + β·τ_image_accel + γ·τ_motion`` (AnimateLCM Eq. 2), exactly.
+
+Rules (DESIGN.md "Merge engine semantics"):
+- every merged value is computed from the pristine ``w0`` (a memory-mapped file or a kept copy), accumulated
+  in fp32 and rounded once; unmerge is a copy, re-weighting is a re-merge, term order cannot change a bit;
+- everything is validated (family, keys, shapes, finite values) before the first weight is written;
+- γ is applied in weight space as the exact scaling of each motion module's ``proj_out`` (weight and bias),
+  which scales the zero-initialised residual motion branch by exactly γ;
+- the per-tensor arithmetic is :func:`weightlab.kernels.merge` (fused Triton kernel on CUDA, PyTorch otherwise).
+
+Entry points: :class:`Merger` (in place into a live diffusers UNet), :func:`build_unet`, :func:`merge_to_file`
+and :func:`merge_to_folder` (streamed, one tensor at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from weightlab.errors import (FamilyMismatchError, RecipeError, ShapeMismatchError, UnmatchedKeysError,
+                              WeightlabError, fmt_keys)
+from weightlab.loading import load
+from weightlab.methods import get_method
+from weightlab.recipe import KIND_ORDER, Recipe
+from weightlab.residuals import Base, Dense, LoRA, MotionModule, Residual
+
+log = logging.getLogger(__name__)
+PROJ_OUT = re.compile(r"\.motion_modules\.\d+\.proj_out\.(weight|bias)$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RESIDUAL_KINDS = {"style": (LoRA, Dense), "image_accel": (LoRA,), "motion": (MotionModule,), "motion_lora": (LoRA,)}
+
+
+@dataclass
+class Input:
+    """One resolved term: the residual, its role and its scale."""
+
+    residual: Residual
+    kind: str
+    scale: float
+    source: str = ""
+
+
+def _lora_module(key: str) -> str | None:
+    return key[: -len(".weight")] if key.endswith(".weight") else None
+
+
+@dataclass
+class Composition:
+    """Pristine values plus terms, validated; produces one :class:`~weightlab.kernels.MergeItem` per tensor."""
+
+    pristine: dict[str, torch.Tensor]  # w0 per key: base weights, then motion-module weights
+    inputs: list[Input]
+    shapes: dict[str, tuple[int, ...]]  # output key -> shape
+    method: str = "linear"
+    method_args: dict = field(default_factory=dict)
+    touching: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        order = sorted(range(len(self.inputs)), key=lambda i: (KIND_ORDER[self.inputs[i].kind], self.inputs[i].source, i))
+        self.inputs = [self.inputs[i] for i in order]
+        self._combine = get_method(self.method)
+        self._validate()
+
+    @property
+    def motion(self) -> Input | None:
+        return next((t for t in self.inputs if t.kind == "motion"), None)
+
+    def _validate(self) -> None:
+        """Family, roles, keys, shapes and finiteness; raises before anything is written."""
+        motions = [t for t in self.inputs if t.kind == "motion"]
+        if len(motions) > 1:
+            raise RecipeError("a recipe can hold one motion module; got " + ", ".join(t.source for t in motions))
+        for i, t in enumerate(self.inputs):
+            res = t.residual
+            if not isinstance(res, RESIDUAL_KINDS[t.kind]):
+                raise RecipeError(f"{t.source}: a {type(res).__name__} cannot be a {t.kind!r} term. Fix: check the term's kind.")
+            if res.family != "sd15":
+                raise FamilyMismatchError(f"{t.source}: family {res.family!r} does not match the base family 'sd15'.")
+            keys = res.target_keys
+            missing = [k for k in keys if k not in self.shapes]
+            if missing:
+                hint = " (motion keys need a motion term or a video base)" if any(".motion_modules." in k for k in missing) else ""
+                raise UnmatchedKeysError(f"{t.source}: {len(missing)} key(s) not in the model{hint}: {fmt_keys(missing)}.", missing)
+            self._check_shapes(t)
+            res.check_finite()
+            if t.kind == "motion":
+                continue
+            for k in keys:
+                self.touching.setdefault(k, []).append(i)
+        for k, v in self.pristine.items():
+            if k in self.shapes and tuple(v.shape) != self.shapes[k]:
+                raise ShapeMismatchError(f"`{k}`: pristine value {tuple(v.shape)} vs model {self.shapes[k]}.")
+        absent = [k for k in self.shapes if k not in self.pristine]
+        if absent:
+            raise UnmatchedKeysError(f"no base value for {len(absent)} model key(s): {fmt_keys(absent)}. "
+                                     "Fix: add the motion module as a `motion` term.", absent)
+        if self.method != "linear" and sum(t.kind == "style" for t in self.inputs) < 1:
+            raise RecipeError(f"method {self.method!r} combines style terms; the recipe has none.")
+
+    def _check_shapes(self, t: Input) -> None:
+        res = t.residual
+        bad = []
+        if isinstance(res, LoRA):
+            for path, f in res.targets.items():
+                shape = self.shapes[f"{path}.weight"]
+                out_f, in_f = shape[0], int(torch.Size(shape[1:]).numel())
+                if f.up.shape[0] != out_f or f.down.reshape(f.rank, -1).shape[1] != in_f or f.up.reshape(out_f, -1).shape[1] != f.rank:
+                    bad.append(f"{path}: up {tuple(f.up.shape)} @ down {tuple(f.down.shape)} vs weight {shape}")
+        else:
+            bad = [f"{k}: {tuple(v.shape)} vs {self.shapes[k]}" for k, v in res.tensors().items() if tuple(v.shape) != self.shapes[k]]
+        if bad:
+            raise ShapeMismatchError(f"{t.source}: {len(bad)} tensor(s) do not fit the base: {'; '.join(bad[:5])}. "
+                                     "Fix: the residual was made for a base of other dimensions.")
+
+    def term_keys(self, index: int) -> set[str]:
+        """Keys whose merged value depends on term ``index`` (in the caller's original order is not kept: canonical)."""
+        t = self.inputs[index]
+        if t.kind == "motion":
+            keys = {k for k in self.shapes if PROJ_OUT.search(k)}
+            return keys
+        return set(t.residual.target_keys)
+
+    def item(self, key: str, dst: torch.Tensor):
+        """The merge of one tensor, written into ``dst``."""
+        from weightlab.kernels import MergeItem
+
+        w0 = self.pristine[key]
+        base_scale = 1.0
+        motion = self.motion
+        gamma = motion.scale if (motion is not None and PROJ_OUT.search(key)) else 1.0
+        base_scale = gamma
+        loras, denses, styles = [], [], []
+        module = _lora_module(key)
+        for i in self.touching.get(key, ()):
+            t = self.inputs[i]
+            res = t.residual
+            if isinstance(res, LoRA):
+                f = res.targets[module]
+                scale = t.scale * f.scale * (gamma if t.kind == "motion_lora" else 1.0)
+                if self._combine is not None and t.kind == "style":
+                    styles.append(scale * (f.up.float().reshape(f.up.shape[0], -1) @ f.down.float().reshape(f.rank, -1)).reshape(w0.shape))
+                else:
+                    loras.append((f.down, f.up, scale))
+            elif isinstance(res, Dense):
+                if self._combine is not None:
+                    styles.append(t.scale * (res.weights[key].float() - w0.float()))
+                else:
+                    denses.append((res.weights[key], t.scale))
+        if styles:
+            delta = self._combine(styles, key=key, **self.method_args)
+            w0 = w0.float() * base_scale + delta
+            base_scale = 1.0
+        return MergeItem(dst=dst, w0=w0, loras=loras, denses=denses, base_scale=base_scale, name=key)
+
+
+def resolve_source(source: str) -> Path:
+    """A path, or a registry reference (``ns/name@version``, ``ns/name:alias``) resolved to its file."""
+    p = Path(source).expanduser()
+    if p.exists():
+        return p
+    if re.fullmatch(r"[\w.-]+/[\w.-]+([@:][\w.-]+)?", source):
+        try:
+            from weightlab.registry.api import Registry
+        except ImportError as e:  # registry not installed/available
+            raise RecipeError(f"{source!r} is not a file and the registry is unavailable: {e}") from None
+        return Registry().path(source)
+    raise RecipeError(f"{source!r}: no such file or folder, and not a registry reference (ns/name@version). Fix: check the path.")
+
+
+def load_inputs(recipe: Recipe, *, resolve: Callable[[str], Path] = resolve_source) -> tuple[Base, list[Input]]:
+    """Load the base and every term of a recipe (memory-mapped; nothing merged yet)."""
+    base = load(resolve(recipe.base), kind="base")
+    inputs = []
+    for t in recipe.terms:
+        res = load(resolve(t.source), kind=t.kind if t.kind != "motion_lora" else "motion_lora")
+        inputs.append(Input(res, t.kind, t.scale, t.source))
+    return base, inputs
+
+
+def _composition(base: Base, inputs: list[Input], shapes: dict[str, tuple[int, ...]], method="linear", method_args=None) -> Composition:
+    pristine = dict(base.weights)
+    motion = next((t for t in inputs if t.kind == "motion"), None)
+    if motion is not None:
+        if base.has_motion:
+            raise RecipeError(f"the base already holds motion modules; remove the motion term {motion.source!r} "
+                              "or use a spatial base.")
+        pristine.update(motion.residual.weights)
+    return Composition(pristine, inputs, shapes, method, dict(method_args or {}))
+
+
+def _model_for(base: Base, motion: MotionModule | None, *, device: str | torch.device = "meta"):
+    """An uninitialised diffusers UNet for the base (+ motion) config on ``device`` (``meta``: shapes only)."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    with torch.device("meta"):
+        if base.has_motion:
+            model = UNetMotionModel.from_config(base.config)
+        else:
+            unet = UNet2DConditionModel.from_config(base.config)
+            model = unet if motion is None else UNetMotionModel.from_unet2d(unet, MotionAdapter.from_config(motion.config), load_weights=False)
+    if str(device) != "meta":
+        model = model.to_empty(device=device)
+    return model.eval().requires_grad_(False)
+
+
+class Merger:
+    """Exact, transactional, in-place composition into a live diffusers ``UNet2DConditionModel``/``UNetMotionModel``.
+
+    Args:
+        model: the live UNet whose weights are overwritten.
+        base (Base | None): pristine ``w0`` (memory-mapped). None keeps a copy of every tensor a term touches.
+        inputs (list[Input]): the terms; order is irrelevant (canonicalised).
+        method (str, default "linear"): ``linear`` (Eq. 2), ``ties``, ``dare`` or ``svd`` for several style terms.
+        backend (str, default "auto"): ``auto`` | ``triton`` | ``torch`` (see :func:`weightlab.kernels.merge`).
+    Example:
+        >>> m = Merger(unet, base, [Input(lora, "style", 0.8)]); m.apply()   # doctest: +SKIP
+        >>> m.set_scale(0, 0.5); m.restore()                                  # doctest: +SKIP
+    """
+
+    def __init__(self, model, base: Base | None, inputs: Sequence[Input], *, method: str = "linear",
+                 method_args: dict | None = None, backend: str = "auto"):
+        self.model = model
+        self.backend = backend
+        self._params = dict(model.state_dict(keep_vars=True))
+        shapes = {k: tuple(v.shape) for k, v in self._params.items()}
+        if base is None:
+            touched = set().union(*(i.residual.target_keys for i in inputs)) if inputs else set()
+            base = Base(weights={k: self._params[k].detach().clone() for k in touched if k in self._params}, config={})
+            shapes_for = {k: shapes[k] for k in base.weights}
+            self.composition = Composition(base.weights, list(inputs), shapes_for, method, dict(method_args or {}))
+        else:
+            self.composition = _composition(base, list(inputs), shapes, method, method_args)
+        self._order = list(inputs)
+
+    @property
+    def touched(self) -> set[str]:
+        keys = set(self.composition.touching)
+        if self.composition.motion is not None:
+            keys |= self.composition.term_keys(self.composition.inputs.index(self.composition.motion))
+        return keys
+
+    def _write(self, keys: Iterable[str]) -> None:
+        from weightlab.kernels import merge
+
+        keys = sorted(keys)
+        items = [self.composition.item(k, self._params[k].data) for k in keys]
+        try:
+            merge(items, backend=self.backend)
+        except BaseException:
+            self._copy_pristine(keys)
+            raise
+
+    def _copy_pristine(self, keys: Iterable[str]) -> None:
+        with torch.no_grad():
+            for k in keys:
+                self._params[k].data.copy_(self.composition.pristine[k])
+
+    def apply(self) -> "Merger":
+        """Write the merged value of every touched tensor."""
+        self._write(self.touched)
+        return self
+
+    def load_all(self) -> "Merger":
+        """Write every tensor of the model: untouched ones are plain copies of ``w0``, touched ones merged."""
+        self._copy_pristine(k for k in self._params if k not in self.touched)
+        return self.apply()
+
+    def set_scale(self, index: int, scale: float) -> "Merger":
+        """Change term ``index`` (in the order given) and re-merge only the tensors it touches."""
+        if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
+            raise WeightlabError(f"scale must be a finite number, got {scale!r}.")
+        term = self._order[index]
+        term.scale = float(scale)
+        self._write(self.composition.term_keys(self.composition.inputs.index(term)) & set(self._params))
+        return self
+
+    def restore(self) -> "Merger":
+        """Copy the pristine value back into every touched tensor (bit-exact unmerge)."""
+        self._copy_pristine(sorted(self.touched))
+        return self
+
+
+def build_unet(recipe: Recipe, *, backend: str = "auto", resolve: Callable[[str], Path] = resolve_source):
+    """Load a recipe's inputs and return a merged diffusers UNet (``UNetMotionModel`` if there is motion).
+
+    The model is created empty (no random init) and every tensor is written once from the pristine base.
+    """
+    base, inputs = load_inputs(recipe, resolve=resolve)
+    motion = next((t.residual for t in inputs if t.kind == "motion"), None)
+    model = _model_for(base, motion, device=recipe.device).to(DTYPES[recipe.dtype])
+    merger = Merger(model, base, inputs, method=recipe.method, method_args=recipe.method_args, backend=backend)
+    merger.load_all()
+    return model
+
+
+def _provenance(recipe: Recipe, base: Base, inputs: list[Input]) -> dict[str, str]:
+    from weightlab.files import tensor_hash
+    from weightlab.inspect import weights_file
+
+    def ident(res: Residual) -> str:
+        wf = weights_file(Path(res.source)) if res.source else None
+        return tensor_hash(wf) if wf and wf.suffix == ".safetensors" else ""
+
+    return {
+        "format": "pt",
+        "weightlab.recipe": recipe.model_dump_json(),
+        "weightlab.recipe_hash": recipe.hash,
+        "weightlab.inputs": json.dumps({"base": ident(base), **{f"{t.kind}:{t.source}": ident(t.residual) for t in inputs}}),
+        "weightlab.kind": "base",
+        "weightlab.family": base.family,
+    }
+
+
+def _stream(recipe: Recipe, out: Path, *, backend: str, progress: bool, resolve: Callable[[str], Path]):
+    from weightlab.kernels import merge
+    from weightlab.streaming import StreamWriter
+
+    t0 = time.perf_counter()
+    base, inputs = load_inputs(recipe, resolve=resolve)
+    motion = next((t.residual for t in inputs if t.kind == "motion"), None)
+    meta_model = _model_for(base, motion)
+    shapes = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    comp = _composition(base, inputs, shapes, recipe.method, recipe.method_args)
+    dtype = DTYPES[recipe.dtype]
+    with StreamWriter(out, {k: (dtype, shapes[k]) for k in shapes}) as writer:
+        writer.begin(_provenance(recipe, base, inputs))
+        for key in writer.progress(enabled=progress, desc="merge"):
+            dst = torch.empty(shapes[key], dtype=dtype, device=recipe.device)
+            merge([comp.item(key, dst)], backend=backend)
+            writer.write(key, dst)
+        output_hash = writer.finish()
+    summary = {"path": str(out), "output_hash": output_hash, "seconds": time.perf_counter() - t0,
+               "tensors": len(shapes), "bytes": writer.nbytes}
+    return summary, meta_model
+
+
+def merge_to_file(recipe: Recipe, out: str | Path, *, backend: str = "auto", progress: bool = True,
+                  resolve: Callable[[str], Path] = resolve_source) -> dict:
+    """Stream the merged UNet into one ``.safetensors`` file, tensor by tensor (bounded memory), atomically.
+
+    Returns ``{"path", "output_hash", "seconds", "tensors", "bytes"}``. The file's ``__metadata__`` carries the
+    recipe, every input's tensor hash and the output hash (equal to :func:`weightlab.files.tensor_hash` of it).
+    """
+    return _stream(recipe, Path(out), backend=backend, progress=progress, resolve=resolve)[0]
+
+
+def merge_to_folder(recipe: Recipe, out: str | Path, *, backend: str = "auto", progress: bool = True,
+                    resolve: Callable[[str], Path] = resolve_source) -> dict:
+    """A diffusers model folder (``UNetMotionModel`` with a motion term, else ``UNet2DConditionModel``):
+    ``config.json`` + streamed ``diffusion_pytorch_model.safetensors`` + ``recipe.json``."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise WeightlabError(f"{out}: exists and is not a diffusers model folder; refusing to write into it. "
+                             "Fix: choose an empty or new folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    summary, meta_model = _stream(recipe, out / "diffusion_pytorch_model.safetensors", backend=backend,
+                                  progress=progress, resolve=resolve)
+    meta_model.save_config(out)
+    (out / "recipe.json").write_text(recipe.to_json())
+    summary["path"] = str(out)
+    return summary

@@ -1,0 +1,173 @@
+"""Typed trainer configs (pydantic v2), one class per trainer, read from and written to YAML.
+
+Every field has a default except the paths a run cannot guess. Unknown keys are refused, so a typo in a
+YAML file fails before any model is loaded.
+
+Example:
+    >>> cfg = ImageLCMConfig(base="base/", output_dir="runs/lcm", data=DataConfig(format="synthetic_images"))
+    >>> cfg.rank, cfg.num_ddim_timesteps, cfg.huber_c
+    (64, 50, 0.001)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from weightlab.errors import WeightlabError
+
+# DESIGN.md "Trainers": the LCM-LoRA target list (diffusers train_lcm_distill_lora_sd_wds.py).
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+STYLE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where samples come from and how they are shaped.
+
+    ``format``: ``image_folder`` (images + ``metadata.jsonl`` or side-car ``.txt`` captions), ``video_folder``
+    (videos + the same captions), ``video_csv`` (a CSV with ``video,caption`` and optional ``start_frame,end_frame``),
+    ``synthetic_images`` / ``synthetic_videos`` (captioned moving shapes generated in memory, for tests and demos).
+    """
+
+    format: Literal["image_folder", "video_folder", "video_csv", "synthetic_images", "synthetic_videos"]
+    path: Path | None = None
+    resolution: int = Field(512, ge=8)
+    num_frames: int = Field(16, ge=1, le=32)  # motion modules' positional table holds 32 frames
+    frame_stride: int = Field(4, ge=1)
+    synthetic_samples: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_path(self):
+        if not self.format.startswith("synthetic") and self.path is None:
+            raise ValueError(f"data.format {self.format!r} reads files: set data.path")
+        return self
+
+
+class RegisterConfig(_Strict):
+    """Register the trained output in a local registry (``trained_from`` lineage, the full config as metadata)."""
+
+    name: str
+    home: Path | None = None  # registry home; None uses $WEIGHTLAB_HOME (default ~/.weightlab)
+    tags: tuple[str, ...] = ()
+
+
+class TrainConfig(_Strict):
+    """Fields shared by every trainer: paths, optimisation, systems and bookkeeping."""
+
+    base: Path  # diffusers Stable Diffusion pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    output_dir: Path
+    data: DataConfig
+    seed: int = 0
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1)  # per process; the global batch is batch_size x processes x accumulation
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    empty_caption_prob: float = Field(0.0, ge=0, le=1)
+    beta_schedule: Literal["linear", "scaled_linear"] | None = None  # None: the base's scheduler config
+    checkpoint_every: int = Field(500, ge=1)
+    checkpoints_keep: int = Field(2, ge=1)
+    resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints if there is one
+    validate_every: int = Field(0, ge=0)  # 0: validate only at the end
+    validation_prompts: tuple[str, ...] = ("a red circle moving right",)
+    num_workers: int = Field(0, ge=0)
+    register: RegisterConfig | None = None
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as YAML (paths as strings); written to ``path`` when given."""
+        text = yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+class StyleLoRAConfig(TrainConfig):
+    """``style-lora``: ε-prediction LoRA fine-tune on images; optional min-SNR-γ loss weighting (Hang et al. 2023)."""
+
+    rank: int = Field(16, ge=1)
+    lora_alpha: float | None = None  # None: alpha = rank (scale 1)
+    target_modules: tuple[str, ...] = STYLE_LORA_TARGETS
+    snr_gamma: float | None = Field(None, gt=0)  # 5.0 is the paper's value
+    validation_steps: int = Field(25, ge=1)
+    validation_guidance: float = 7.5
+
+
+class _DistillConfig(TrainConfig):
+    """Latent consistency distillation (LCM §4; AnimateLCM): solver, guidance range, boundary scalings, loss."""
+
+    w_min: float = 5.0
+    w_max: float = 15.0
+    num_ddim_timesteps: int = Field(50, ge=1)
+    timestep_scaling: float = 10.0
+    sigma_data: float = 0.5
+    loss: Literal["huber", "l2"] = "huber"
+    huber_c: float = Field(0.001, gt=0)
+
+    @model_validator(mode="after")
+    def _guidance_range(self):
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min ({self.w_min}) must not exceed w_max ({self.w_max})")
+        return self
+
+
+class ImageLCMConfig(_DistillConfig):
+    """``image-lcm``: distil the base into a spatial LCM-LoRA (target = the online net under no_grad)."""
+
+    rank: int = Field(64, ge=1)
+    lora_alpha: float | None = None
+    target_modules: tuple[str, ...] = LCM_LORA_TARGETS
+
+
+class MotionLCMConfig(_DistillConfig):
+    """``motion-lcm``: distil a motion module on video with the image LCM-LoRA frozen in the online model.
+
+    ``teacher_motion`` is the motion module of the teacher (base + it, with CFG). ``init_motion`` starts the
+    student: ``teacher`` (a copy of the teacher's module), ``new`` (fresh, ``proj_out`` zero-initialised) or a path.
+    """
+
+    image_lora: Path
+    teacher_motion: Path
+    init_motion: Literal["teacher", "new"] | Path = "teacher"
+    ema_decay: float = Field(0.95, ge=0, lt=1)
+    beta_schedule: Literal["linear", "scaled_linear"] | None = "linear"  # AnimateDiff's schedule
+    empty_caption_prob: float = Field(0.1, ge=0, le=1)
+
+
+C = TypeVar("C", bound=TrainConfig)
+
+
+def load_config(path: str | Path, cls: type[C]) -> C:
+    """Read a YAML (or JSON) config file into ``cls``.
+
+    Raises:
+        WeightlabError: the file is missing, not a mapping, or a field is unknown or invalid (all problems listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightlabError(f"{path}: no such config file. Fix: pass --config with a YAML file (see docs/training.md).")
+    doc = yaml.safe_load(path.read_text())
+    if not isinstance(doc, dict):
+        raise WeightlabError(f"{path}: a config must be a YAML mapping of field: value, got {type(doc).__name__}.")
+    try:
+        return cls.model_validate(doc)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
+        raise WeightlabError(f"{path}: invalid {cls.__name__}: {problems}. Fix: correct these fields "
+                             f"(the fields of {cls.__name__} are listed in docs/training.md).") from None
