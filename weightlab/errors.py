@@ -49,6 +49,10 @@ class ExportError(WeightlabError):
     """ONNX export or verification failed."""
 
 
+class SamplingError(WeightlabError):
+    """A video sampling request the model cannot serve (too many frames, unsupported guidance or size)."""
+
+
 def fmt_keys(keys, limit: int = 10) -> str:
     """Render a list of keys for an error message, eliding past ``limit``."""
     keys = sorted(keys)

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from weightlab.errors import FamilyMismatchError, fmt_keys
+from weightlab.errors import FamilyMismatchError, UnmatchedKeysError, fmt_keys
 
 SD15_UNET_CONFIG = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -127,16 +127,21 @@ def detect_family(keys_ndim: dict[str, int], *, what: str = "residual") -> Famil
         "Fix: check that the file is an SD1.5 UNet, LoRA or motion module, or pass strict=False to report and skip them.")
 
 
-def infer_motion_config(shapes: dict[str, tuple[int, ...]]) -> dict:
+def infer_motion_config(shapes: dict[str, tuple[int, ...]], *, what: str = "motion module") -> dict:
     """Infer a MotionAdapter config from parameter shapes (diffusers names).
 
     Channel widths, layer counts, mid block and max frames come from the weights. Heads (8) follow
     AnimateDiff's SD1.5 modules; norm groups are ``gcd(32, smallest width)`` (32 for every real module).
     """
-    downs = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("down_blocks.")})
+    downs = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("down_blocks.") and k.split(".")[1].isdigit()})
     if not downs:
-        raise FamilyMismatchError("no `down_blocks.*.motion_modules.*` keys: this is not a motion module.")
-    channels = tuple(shapes[f"down_blocks.{i}.motion_modules.0.proj_in.weight"][0] for i in downs)
+        raise FamilyMismatchError(f"{what}: no `down_blocks.*.motion_modules.*` keys: this is not a motion module.")
+    needed = [f"down_blocks.{i}.motion_modules.0.proj_in.weight" for i in downs]
+    if missing := [k for k in needed if k not in shapes]:
+        raise UnmatchedKeysError(
+            f"{what} lacks {fmt_keys(missing)}, needed to infer its config. Fix: pass the complete module, "
+            "or a diffusers MotionAdapter folder with its config.json.", missing)
+    channels = tuple(shapes[k][0] for k in needed)
     layers = len({k.split(".")[3] for k in shapes if k.startswith("down_blocks.0.motion_modules.")})
     pe = [s for k, s in shapes.items() if k.endswith("pos_embed.pe")]
     return dict(

@@ -168,29 +168,49 @@ def state_dict_hash(tensors: Mapping[str, "torch.Tensor"]) -> str:  # noqa: F821
 def is_pickle(path: str | os.PathLike) -> bool:
     """True for torch zip checkpoints and raw pickles (by magic bytes, whatever the suffix)."""
     with open(path, "rb") as f:
-        magic = f.read(4)
-    return magic[:2] == b"PK" or magic[:1] == b"\x80"
+        magic = f.read(2)
+    return magic == b"PK" or (len(magic) == 2 and magic[0] == 0x80 and 2 <= magic[1] <= 5)  # PROTO opcode, 2..5
+
+
+def sniff(path: str | os.PathLike) -> Header | None:
+    """The validated header of a safetensors file, or None for a pickle checkpoint.
+
+    A pickle suffix (.ckpt/.pt/.pth/.bin) means pickle. Otherwise the safetensors header is tried first (a pickle
+    cannot pass its checks, while magic bytes alone can collide with a header length) and pickle magic bytes
+    are the fallback, whatever the suffix.
+
+    Raises:
+        FileFormatError: neither a valid safetensors file nor a pickle.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such file.")
+    if path.suffix in PICKLE_SUFFIXES:
+        return None
+    try:
+        return read_header(path)
+    except FileFormatError:
+        if is_pickle(path):
+            return None
+        raise
 
 
 def load_tensors(path: str | os.PathLike, *, allow_pickle: bool = False, device: str = "cpu") -> tuple[dict, dict[str, str]]:
     """Load every tensor of a weight file after validating it. Returns ``(tensors, metadata)``.
 
-    Pickle files (.ckpt/.pt/.pth/.bin) are refused unless ``allow_pickle=True``.
+    Pickle files (see :func:`sniff`) are refused unless ``allow_pickle=True``.
     """
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileFormatError(f"{path}: no such file.")
-    if path.suffix in PICKLE_SUFFIXES or is_pickle(path):
-        if not allow_pickle:
-            raise UnsafeFileError(
-                f"{path}: refusing to read a pickle-based checkpoint. Unpickling can run arbitrary code from the file. "
-                "Fix: convert it to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source; "
-                "it is then read with torch.load(weights_only=True) in a separate process.")
-        return load_pickle(path), {}
-    header = read_header(path)
-    return load_file(str(path), device=device), dict(header.metadata)
+    header = sniff(path)
+    if header is not None:
+        return load_file(str(path), device=device), dict(header.metadata)
+    if not allow_pickle:
+        raise UnsafeFileError(
+            f"{path}: refusing to read a pickle-based checkpoint. Unpickling can run arbitrary code from the file. "
+            "Fix: convert it to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source; "
+            "it is then read with torch.load(weights_only=True) in a separate process.")
+    return load_pickle(path), {}
 
 
 def _pickle_child(src: str, dst: str) -> None:
@@ -241,7 +261,8 @@ def load_pickle(path: str | os.PathLike) -> dict:
             reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
             raise FileFormatError(
                 f"{path}: could not be read as a weights-only torch checkpoint ({reason}). It may hold code objects "
-                "or be corrupt; only plain tensor state dicts are accepted. Fix: re-export it as .safetensors from a trusted copy.")
+                "or be corrupt; only plain tensor state dicts are accepted. "
+                "Fix: re-export it as .safetensors from a trusted copy.")
         tensors = load_file(dst)
         return {k: v.clone() for k, v in tensors.items()}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from weightlab.errors import FamilyMismatchError, FileFormatError, UnmatchedKeysError, WeightlabError, fmt_keys
 from weightlab.families import FAMILIES, SD15, detect_family, infer_motion_config
-from weightlab.files import load_tensors, mmap_tensors, read_header
+from weightlab.files import load_tensors, mmap_tensors, sniff
 from weightlab.formats import ldm, lora, motion
 from weightlab.residuals import KINDS, Base, Dense, LoRA, MotionModule, Residual
 
@@ -25,15 +25,10 @@ _LCM_MARKERS = ("time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv", "co
 
 def read_weights(path: Path, *, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
     """Validated tensors of one file (memory-mapped for safetensors) and its metadata."""
-    if path.suffix == ".safetensors" or not (path.suffix in (".ckpt", ".pt", ".pth", ".bin")):
-        try:
-            header = read_header(path)
-        except FileFormatError:
-            if path.suffix == ".safetensors":
-                raise
-            return load_tensors(path, allow_pickle=allow_pickle)
-        return mmap_tensors(path, header), dict(header.metadata)
-    return load_tensors(path, allow_pickle=allow_pickle)
+    header = sniff(path)
+    if header is None:
+        return load_tensors(path, allow_pickle=allow_pickle)
+    return mmap_tensors(path, header), dict(header.metadata)
 
 
 def _folder_weights(folder: Path, allow_pickle: bool) -> Path:
@@ -68,10 +63,10 @@ def _refuse_other_family(unmatched: list[str], unmatched_in, source) -> None:
     skipping would keep the keys whose names sd15 shares, and some of those even have sd15's shapes.
     """
     for fam in FAMILIES.values():
-        if fam is not SD15 and set(unmatched_in(fam)) < set(unmatched):
+        if fam is not SD15 and (left := set(unmatched_in(fam))) < set(unmatched):
             raise FamilyMismatchError(
                 f"{source}: belongs to family {fam.name!r} ({fam.description}); weightlab merges sd15. Keys that do "
-                f"not exist in sd15: {fmt_keys(unmatched)}. Fix: use a residual made for an sd15 base.")
+                f"not exist in sd15: {fmt_keys(set(unmatched) - left)}. Fix: use a residual made for an sd15 base.")
 
 
 def _guess_lora_kind(targets: dict, source: Path, metadata: dict) -> str:
@@ -100,7 +95,7 @@ def _full_unet(weights: dict, config: dict, *, kind: str | None, source: Path, m
                 f"{source}: a base must hold the whole UNet; {len(missing)} parameter(s) missing: {fmt_keys(missing)}. "
                 "Fix: pass the complete checkpoint, or load it with kind='style' if it is a partial fine-tune.", missing)
         return Base(family=family, kind="base", source=source, metadata=metadata, skipped=skipped, weights=weights,
-                    config=config, pipeline_dir=pipeline_dir)
+                    config=config or _unet_config_from_weights(weights), pipeline_dir=pipeline_dir)
     if kind != "style":
         raise WeightlabError(f"{source}: a full UNet checkpoint can be kind 'base' or 'style' (dense fine-tune), not {kind!r}.")
     return Dense(family=family, kind=kind, source=source, metadata=metadata, skipped=skipped, weights=weights)
@@ -108,15 +103,17 @@ def _full_unet(weights: dict, config: dict, *, kind: str | None, source: Path, m
 
 def _motion(weights: dict, *, config: dict | None, kind: str | None, source: Path, metadata: dict, strict: bool) -> MotionModule:
     pe_lengths = [v.shape[1] for k, v in weights.items() if k.endswith("pos_encoder.pe")]
+    origin = {}  # diffusers name -> the file's own name, so errors quote what is in the file
     if motion.is_original_layout(weights):
+        origin = motion.to_diffusers_names({k: k for k in weights})
         weights = motion.to_diffusers_names(weights)  # drops the pos_encoder tables (recomputed below)
     if config is None:
-        config = infer_motion_config({k: tuple(v.shape) for k, v in weights.items()})
+        config = infer_motion_config({k: tuple(v.shape) for k, v in weights.items()}, what=str(source))
         if pe_lengths:  # AnimateDiff v1 modules have 24 positions; the dropped tables are the only record of it
             config["motion_max_seq_length"] = pe_lengths[0]
     for k, table in motion.positional_tables(config).items():
         weights.setdefault(k, table)
-    unknown = [k for k in weights if k not in SD15.motion_shapes]
+    unknown = [origin.get(k, k) for k in weights if k not in SD15.motion_shapes]
     skipped = _check_unmatched(unknown, strict, source, "motion-module")
     weights = {k: v for k, v in weights.items() if k in SD15.motion_shapes}
     family = detect_family({k: v.dim() for k, v in weights.items()}, what=str(source)).name
@@ -171,7 +168,8 @@ def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = Fals
     if not weights:
         raise FileFormatError(f"{path}: holds no tensors.")
     kind = kind or (metadata.get("weightlab.kind") if metadata.get("weightlab.kind") in KINDS else None)
-    stored_cfg = json.loads(metadata["weightlab.config"]) if "weightlab.config" in metadata else None
+    stored_cfg = metadata.get("weightlab.config")
+    stored_cfg = _json_object(stored_cfg, f"{path}: __metadata__ weightlab.config") if stored_cfg else None
     if lora.is_lora(weights):
         return _lora(weights, kind=kind, source=path, metadata=metadata, strict=strict)
     if ldm.is_ldm(weights):
@@ -179,13 +177,23 @@ def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = Fals
         return _full_unet(converted, stored_cfg or config, kind=kind, source=path, metadata=metadata,
                           skipped=skipped, strict=strict)
     if "conv_in.weight" in weights:
-        return _full_unet(weights, stored_cfg or _unet_config_from_weights(weights), kind=kind, source=path,
-                          metadata=metadata, skipped=[], strict=strict)
+        return _full_unet(weights, stored_cfg, kind=kind, source=path, metadata=metadata, skipped=[], strict=strict)
     if any(".motion_modules." in k or k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in weights):
         return _motion(weights, config=stored_cfg, kind=kind, source=path, metadata=metadata, strict=strict)
     raise UnmatchedKeysError(
         f"{path}: not a recognised UNet, LoRA or motion-module file (first keys: {fmt_keys(list(weights), 5)}). "
         "Fix: pass an SD1.5 checkpoint, a LoRA (PEFT/diffusers/kohya keys) or an AnimateDiff motion module.", list(weights))
+
+
+def _json_object(text: str, where: str) -> dict:
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise FileFormatError(f"{where}: not valid JSON ({e}). Fix: restore it from the original model.") from None
+    if not isinstance(doc, dict):
+        raise FileFormatError(f"{where}: expected a JSON object, got {type(doc).__name__}. "
+                              "Fix: restore it from the original model.")
+    return doc
 
 
 def _unet_config_from_weights(weights: dict) -> dict:
@@ -200,8 +208,9 @@ def _load_folder(path: Path, *, kind: str | None, allow_pickle: bool, strict: bo
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileFormatError(f"{path}: a folder needs a diffusers config.json (or model_index.json with unet/).")
-    config = {k: v for k, v in json.loads(cfg_file.read_text()).items() if not k.startswith("_")}
-    cls = json.loads(cfg_file.read_text()).get("_class_name", "")
+    raw_config = _json_object(cfg_file.read_text(), str(cfg_file))
+    config = {k: v for k, v in raw_config.items() if not k.startswith("_")}
+    cls = raw_config.get("_class_name", "")
     wfile = _folder_weights(path, allow_pickle)
     weights, metadata = read_weights(wfile, allow_pickle=allow_pickle)
     if cls == "MotionAdapter":

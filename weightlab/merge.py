@@ -119,6 +119,19 @@ class Composition:
             raise ShapeMismatchError(f"{t.source}: {len(bad)} tensor(s) do not fit the base: {'; '.join(bad[:5])}. "
                                      "Fix: the residual was made for a base of other dimensions.")
 
+    def to(self, device: torch.device, keys: Iterable[str]) -> None:
+        """Keep the pristine values of ``keys`` and every term tensor on ``device`` (CUDA: the fused kernel
+        then reads only device memory; the pristine copy is the "kept copy" of DESIGN.md)."""
+        for k in keys:
+            self.pristine[k] = self.pristine[k].to(device)
+        for t in self.inputs:
+            res = t.residual
+            if isinstance(res, LoRA):
+                for f in res.targets.values():
+                    f.down, f.up = f.down.to(device), f.up.to(device)
+            elif t.kind != "motion":
+                res.weights = {k: v.to(device) for k, v in res.weights.items()}
+
     def term_keys(self, index: int) -> set[str]:
         """Keys whose merged value depends on term ``index`` (in the caller's original order is not kept: canonical)."""
         t = self.inputs[index]
@@ -195,7 +208,8 @@ def _composition(base: Base, inputs: list[Input], shapes: dict[str, tuple[int, .
     return Composition(pristine, inputs, shapes, method, dict(method_args or {}))
 
 
-def _model_for(base: Base, motion: MotionModule | None, *, device: str | torch.device = "meta"):
+def _model_for(base: Base, motion: MotionModule | None, *, device: str | torch.device = "meta",
+               dtype: torch.dtype = torch.float32):
     """An uninitialised diffusers UNet for the base (+ motion) config on ``device`` (``meta``: shapes only)."""
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
@@ -205,6 +219,7 @@ def _model_for(base: Base, motion: MotionModule | None, *, device: str | torch.d
         else:
             unet = UNet2DConditionModel.from_config(base.config)
             model = unet if motion is None else UNetMotionModel.from_unet2d(unet, MotionAdapter.from_config(motion.config), load_weights=False)
+    model = model.to(dtype)
     if str(device) != "meta":
         model = model.to_empty(device=device)
     return model.eval().requires_grad_(False)
@@ -238,6 +253,9 @@ class Merger:
         else:
             self.composition = _composition(base, list(inputs), shapes, method, method_args)
         self._order = list(inputs)
+        device = next(iter(self._params.values())).device
+        if device.type == "cuda":
+            self.composition.to(device, self.touched)
 
     @property
     def touched(self) -> set[str]:
@@ -294,7 +312,7 @@ def build_unet(recipe: Recipe, *, backend: str = "auto", resolve: Callable[[str]
     """
     base, inputs = load_inputs(recipe, resolve=resolve)
     motion = next((t.residual for t in inputs if t.kind == "motion"), None)
-    model = _model_for(base, motion, device=recipe.device).to(DTYPES[recipe.dtype])
+    model = _model_for(base, motion, device=recipe.device, dtype=DTYPES[recipe.dtype])
     merger = Merger(model, base, inputs, method=recipe.method, method_args=recipe.method_args, backend=backend)
     merger.load_all()
     return model
@@ -312,7 +330,7 @@ def _provenance(recipe: Recipe, base: Base, inputs: list[Input]) -> dict[str, st
         "format": "pt",
         "weightlab.recipe": recipe.model_dump_json(),
         "weightlab.recipe_hash": recipe.hash,
-        "weightlab.inputs": json.dumps({"base": ident(base), **{f"{t.kind}:{t.source}": ident(t.residual) for t in inputs}}),
+        "weightlab.inputs": json.dumps({recipe.base: ident(base), **{t.source: ident(t.residual) for t in inputs}}),
         "weightlab.kind": "base",
         "weightlab.family": base.family,
     }

@@ -194,46 +194,6 @@ def lora_to_kohya(factors, alpha: float) -> dict:
     return sd
 
 
-def diffusers_to_ldm_unet(state_dict: dict) -> dict:
-    """Inverse of diffusers' ``convert_ldm_unet_checkpoint`` for the SD1.x block layout (fixtures only).
-
-    The mapping tables follow diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py``.
-    """
-    top = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-           ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
-    resnet = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
-              ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
-    layer = []
-    for i in range(4):
-        for j in range(2):
-            layer.append((f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
-            if i < 3:
-                layer.append((f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
-        for j in range(3):
-            layer.append((f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
-            if i > 0:
-                layer.append((f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
-        if i < 3:
-            layer.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-            layer.append((f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0."))
-    layer.append(("middle_block.1.", "mid_block.attentions.0."))
-    for j in range(2):
-        layer.append((f"middle_block.{2 * j}.", f"mid_block.resnets.{j}."))
-    out = {}
-    for k, v in state_dict.items():
-        name = k
-        for sd_part, hf_part in top:
-            if name.startswith(hf_part):
-                name = sd_part + name[len(hf_part):]
-        if "resnets" in name:
-            for sd_part, hf_part in resnet:
-                name = name.replace(hf_part, sd_part)
-        for sd_part, hf_part in layer:
-            name = name.replace(hf_part, sd_part)
-        out["model.diffusion_model." + name] = v
-    return out
-
-
 def diffusers_to_animatediff(state_dict: dict, *, with_pos_encoder: bool) -> dict:
     """Inverse of diffusers' AnimateDiff converter: original ``temporal_transformer``/``attention_blocks`` keys."""
     import re
@@ -264,16 +224,18 @@ def build_tiny_family(root: str | Path, seed: int = 0, *, force: bool = False) -
     Returns:
         TinyFamily: the paths.
     """
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    from weightlab.files import save_tensors
-
     fam = tiny_family_paths(root)
     stamp = fam.root / "tiny_family.json"
     want = {"seed": seed, "version": VERSION}
     if not force and stamp.is_file() and json.loads(stamp.read_text()) == want and all(p.exists() for p in fam.files().values()):
-        return fam
+        return fam  # before the imports below: importing the diffusers pipelines alone takes seconds
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from weightlab.files import save_tensors
+    from weightlab.formats.ldm import diffusers_to_ldm
+
     fam.root.mkdir(parents=True, exist_ok=True)
 
     unet, text_encoder, vae, scheduler = build_base_components(seed)
@@ -283,7 +245,7 @@ def build_tiny_family(root: str | Path, seed: int = 0, *, force: bool = False) -
                                    requires_safety_checker=False)
     pipe.save_pretrained(fam.base_dir)
     base_sd = unet.state_dict()
-    save_tensors(diffusers_to_ldm_unet(base_sd), fam.base_ldm)
+    save_tensors(diffusers_to_ldm(base_sd), fam.base_ldm)
 
     style = make_lora(unet, STYLE_TARGETS, rank=4, seed=seed + 100)
     save_tensors(lora_to_peft(style, scale=0.5), fam.style_lora_peft)  # alpha/rank = 2/4 folded into B
@@ -294,7 +256,7 @@ def build_tiny_family(root: str | Path, seed: int = 0, *, force: bool = False) -
 
     g = _gen(seed + 300)
     dense = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base_sd.items()}
-    save_tensors(diffusers_to_ldm_unet(dense), fam.style_dense)
+    save_tensors(diffusers_to_ldm(dense), fam.style_dense)
 
     adapter = build_motion_adapter(seed)
     adapter.save_pretrained(fam.motion_dir)

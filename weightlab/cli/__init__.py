@@ -24,6 +24,8 @@ def _register() -> None:
 
     _inspect.register(app)
     _merge.register(app)
+    __import__("weightlab.cli.registry", fromlist=["register"]).register(app)
+    __import__("weightlab.cli.train", fromlist=["register"]).register(app)
 
 
 _register()

@@ -37,6 +37,7 @@ def merge_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="float16 | bfloat16 | float32"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda (CUDA uses the fused Triton kernel)."),
     save_recipe: Optional[Path] = typer.Option(None, "--save-recipe", help="Also write the recipe used to this YAML file."),
+    register: Optional[str] = typer.Option(None, "--register", help="Store the output in the registry as NS/NAME with a merged_from lineage edge."),
 ) -> None:
     """Merge w' = w0 + α·style + β·accel + γ·motion exactly (fp32 accumulation, one rounding)."""
     from weightlab.merge import merge_to_file, merge_to_folder
@@ -57,10 +58,29 @@ def merge_cmd(
             r.save(save_recipe)
         fn = merge_to_file if out.suffix == ".safetensors" else merge_to_folder
         summary = fn(r, out)
+        if register:
+            version = register_output(r, out, register)
     console.print(f"merged {summary['tensors']} tensors ({summary['bytes'] / 1e6:.1f} MB, {r.dtype}) in {summary['seconds']:.2f} s")
     console.print(f"output: {summary['path']}")
     console.print(f"output hash: {summary['output_hash']}")
     console.print(f"recipe hash: {r.hash}")
+    if register:
+        console.print(f"registered: {version.ref}")
+
+
+def register_output(recipe, out: Path, name: str):
+    """Add a merge output to the registry with a ``merged_from`` edge naming the base and every term with its scale."""
+    import json
+
+    from weightlab.files import read_header
+    from weightlab.registry.api import Registry
+    from weightlab.registry.schemas import Derivation
+
+    weights = out if out.suffix == ".safetensors" else out / "diffusion_pytorch_model.safetensors"
+    hashes = json.loads(read_header(weights).metadata["weightlab.inputs"])
+    with Registry() as reg:
+        return reg.add(out, name=name, kind="base", lineage=Derivation.from_recipe(recipe, input_hashes=hashes),
+                       metadata={"recipe_hash": recipe.hash})
 
 
 def register(app: typer.Typer) -> None:

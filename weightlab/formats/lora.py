@@ -58,8 +58,8 @@ def parse_lora(state_dict: dict, family: Family) -> tuple[dict[str, LoRATarget],
     """Group a LoRA state dict by target module. Returns ``(targets, unmatched_keys)``.
 
     A key is unmatched if its module maps to no weight of ``family``, if it belongs to a text encoder, if it has
-    an unknown role, or if its module lacks a down or up factor. LoCon/Tucker ``lora_mid`` tensors are unmatched
-    too (not supported yet), so such files fail loudly instead of merging wrongly.
+    an unknown role, or if its module lacks a down or up factor or has a non-scalar alpha. LoCon/Tucker
+    ``lora_mid`` tensors are unmatched too (not supported yet), so such files fail loudly instead of merging wrongly.
     """
     parts: dict[str, dict[str, object]] = {}
     owners: dict[str, list[str]] = {}
@@ -78,7 +78,7 @@ def parse_lora(state_dict: dict, family: Family) -> tuple[dict[str, LoRATarget],
         owners.setdefault(path, []).append(key)
     targets = {}
     for path, p in parts.items():
-        if "down" not in p or "up" not in p:
+        if "down" not in p or "up" not in p or ("alpha" in p and p["alpha"].numel() != 1):
             unmatched.extend(owners[path])
             continue
         alpha = p.get("alpha")
