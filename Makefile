@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+	$(PY) -P -m pytest -n 2 -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m weightlab.demo
+	$(PY) -P -m weightlab.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

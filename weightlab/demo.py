@@ -30,8 +30,12 @@ class Demo:
     """What the steps share: where files go, and what earlier steps produced."""
 
     home: Path
+    recipe: "Recipe | None" = None  # noqa: F821
     tiny: "TinyFamily | None" = None  # noqa: F821
     inspections: dict = field(default_factory=dict)  # name -> weightlab.inspect.Inspection
+    refs: dict = field(default_factory=dict)  # tiny-family file name -> registry reference
+    merged: Path | None = None
+    results: dict = field(default_factory=dict)  # table rows for the summary
 
 
 def build_tiny(demo: Demo) -> None:
@@ -51,9 +55,57 @@ def inspect_files(demo: Demo) -> None:
     console.print(inspect_table(list(demo.inspections.values())))
 
 
+REGISTERED = {"base_dir": ("base", "tiny/sd15-base"), "style_lora_kohya": ("style", "tiny/style"),
+              "accel_lora": ("image_accel", "tiny/lcm-lora"), "motion_animatelcm": ("motion", "tiny/animatelcm-motion")}
+
+
+def register_family(demo: Demo) -> None:
+    """Register the residuals the recipe uses; re-running finds the same versions (content-addressed)."""
+    from weightlab.registry.api import Registry
+
+    with Registry(home=demo.home) as reg:
+        for attr, (kind, name) in REGISTERED.items():
+            v = reg.add(getattr(demo.tiny, attr), name=name, kind=kind, tags=["demo"])
+            reg.alias(v.ref, "prod")
+            demo.refs[attr] = f"{name}:prod"
+            console.print(f"{v.ref:<32} {kind:<12} tensor hash {v.tensor_hash[:16]}")
+
+
+def merge_by_name(demo: Demo) -> None:
+    """Eq. 2 by registry names: base + 0.8·style + 1.0·LCM-LoRA + 1.0·motion, streamed to a diffusers folder."""
+    from weightlab.cli.merge import register_output
+    from weightlab.merge import merge_to_folder
+    from weightlab.recipe import Recipe, Term
+
+    recipe = Recipe(base=demo.refs["base_dir"], terms=[
+        Term(source=demo.refs["style_lora_kohya"], kind="style", scale=0.8),
+        Term(source=demo.refs["accel_lora"], kind="image_accel", scale=1.0),
+        Term(source=demo.refs["motion_animatelcm"], kind="motion", scale=1.0)])
+    demo.recipe = recipe
+    demo.merged = demo.home / "demo" / "merged_unet"
+    summary = merge_to_folder(recipe, demo.merged, progress=False)
+    version = register_output(recipe, demo.merged, "tiny/video-lcm")
+    demo.results["merge"] = summary["seconds"]
+    console.print(recipe.to_yaml())
+    console.print(f"merged {summary['tensors']} tensors in {summary['seconds']:.2f} s -> {demo.merged}")
+    console.print(f"output hash {summary['output_hash']}, registered as {version.ref}")
+
+
+def show_lineage(demo: Demo) -> None:
+    """The merged version's lineage names its base and every term with its scale."""
+    from weightlab.cli.registry import lineage_tree
+    from weightlab.registry.api import Registry
+
+    with Registry(home=demo.home) as reg:
+        console.print(lineage_tree(reg.lineage("tiny/video-lcm")))
+
+
 STEPS = [
     ("Build the tiny model family", build_tiny),
     ("Inspect every file", inspect_files),
+    ("Register the residuals", register_family),
+    ("Merge by registry names (Eq. 2)", merge_by_name),
+    ("Lineage of the merge", show_lineage),
 ]
 
 

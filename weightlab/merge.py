@@ -219,7 +219,7 @@ def _model_for(base: Base, motion: MotionModule | None, *, device: str | torch.d
         else:
             unet = UNet2DConditionModel.from_config(base.config)
             model = unet if motion is None else UNetMotionModel.from_unet2d(unet, MotionAdapter.from_config(motion.config), load_weights=False)
-    model = model.to(dtype)
+    model = torch.nn.Module.to(model, dtype)  # not diffusers.ModelMixin.to: it warns about fp32-kept modules
     if str(device) != "meta":
         model = model.to_empty(device=device)
     return model.eval().requires_grad_(False)

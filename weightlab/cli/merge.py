@@ -70,16 +70,11 @@ def merge_cmd(
 
 def register_output(recipe, out: Path, name: str):
     """Add a merge output to the registry with a ``merged_from`` edge naming the base and every term with its scale."""
-    import json
-
-    from weightlab.files import read_header
     from weightlab.registry.api import Registry
     from weightlab.registry.schemas import Derivation
 
-    weights = out if out.suffix == ".safetensors" else out / "diffusion_pytorch_model.safetensors"
-    hashes = json.loads(read_header(weights).metadata["weightlab.inputs"])
     with Registry() as reg:
-        return reg.add(out, name=name, kind="base", lineage=Derivation.from_recipe(recipe, input_hashes=hashes),
+        return reg.add(out, name=name, kind="base", lineage=Derivation.from_merged_file(out),
                        metadata={"recipe_hash": recipe.hash})
 
 

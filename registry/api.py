@@ -1,0 +1,322 @@
+"""``weightlab.Registry``: the catalog of bases and residuals, as immutable content-addressed versions.
+
+Storage: metadata in any SQLAlchemy database (default SQLite at ``$WEIGHTLAB_HOME/registry.db``, created on
+first use), bytes in a content-addressed blob store (default ``$WEIGHTLAB_HOME/blobs``). A version is one file or
+a whole folder (a diffusers ``MotionAdapter`` or pipeline folder): every file of it is a blob, and
+:meth:`Registry.path` lays the version out again under ``$WEIGHTLAB_HOME/checkouts`` exactly as it was added.
+
+Identity: a version's ``tensor_hash`` ignores the safetensors header (editing ``__metadata__`` keeps it); for a
+folder it is the sha256 of each file's identity (tensor hash for ``.safetensors``, sha256 otherwise) by path.
+Adding a name's existing identity again returns the existing version (``exist_ok=False`` refuses instead).
+
+Crash safety: ``add`` writes blobs first (temp file + rename), then commits the version in one transaction;
+a crash in between leaves only an unreferenced blob, which :meth:`Registry.gc` removes.
+
+Example:
+    >>> reg = Registry()                                               # doctest: +SKIP
+    >>> v = reg.add("style.safetensors", name="me/style", tags=["anime"])  # doctest: +SKIP
+    >>> reg.alias(v.ref, "prod").ref                                   # doctest: +SKIP
+    'me/style@1'
+    >>> lora = reg.open("me/style:prod")                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from weightlab.errors import RegistryError, UnmatchedKeysError, fmt_keys
+from weightlab.files import tensor_hash
+from weightlab.registry import crud
+from weightlab.registry.checkouts import Checkouts
+from weightlab.registry.config import RegistrySettings
+from weightlab.registry.db import ensure_schema, make_engine, transaction
+from weightlab.registry.ingest import Staged, stage
+from weightlab.registry.schemas import (BlobProblem, Derivation, FileInfo, GcReport, Kind, LineageNode, Ref,
+                                        VerifyReport, VersionCreate, VersionInfo, manifest_digest)
+from weightlab.registry.store import BlobStore, HashMismatchError, open_store
+
+log = logging.getLogger(__name__)
+GC_GRACE_SECONDS = 3600.0
+
+
+class DuplicateVersionError(RegistryError):
+    """``add(..., exist_ok=False)`` of tensors the name already holds; ``.version`` is the existing version."""
+
+    def __init__(self, message: str, version: VersionInfo):
+        super().__init__(message)
+        self.version = version
+
+
+class Registry:
+    """A registry: database + blob store.
+
+    Args:
+        url (str | None): SQLAlchemy database URL; default ``$WEIGHTLAB_DB_URL``, else SQLite at
+            ``home/registry.db``. A fresh database gets the schema; an outdated one needs ``weightlab db upgrade``.
+        home (str | Path | None): default ``$WEIGHTLAB_HOME`` or ``~/.weightlab``.
+        store (BlobStore | str | None): blob store or its location; default ``$WEIGHTLAB_BLOB_STORE``, else
+            ``home/blobs``.
+    """
+
+    def __init__(self, url: str | None = None, *, home: str | os.PathLike | None = None,
+                 store: BlobStore | str | None = None):
+        settings = RegistrySettings(**({"home": Path(home)} if home is not None else {}))
+        self.url = url or settings.db_url
+        self._engine = make_engine(self.url)
+        ensure_schema(self._engine)
+        self.store = store if isinstance(store, BlobStore) else open_store(store or settings.blob_store_url)
+        self._checkouts = Checkouts(settings.checkout_dir, self.store)
+
+    def __repr__(self) -> str:
+        return f"Registry({self._engine.url.render_as_string(hide_password=True)!r}, store={self.store.url!r})"
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release database connections."""
+        self._engine.dispose()
+
+    # -- adding ---------------------------------------------------------------------------------------------
+
+    def add(self, source: str | os.PathLike, *, name: str | None = None, kind: Kind | None = None,
+            tags: Iterable[str] = (), metadata: dict[str, Any] | None = None, sha256: str | None = None,
+            revision: str | None = None, lineage: Derivation | None = None, allow_pickle: bool = False,
+            strict: bool = True, exist_ok: bool = True) -> VersionInfo:
+        """Register a file or folder as the next version of ``name``.
+
+        Args:
+            source (str | PathLike): a ``.safetensors`` file, a diffusers folder, a pickle checkpoint (with
+                ``allow_pickle``), or ``hf://ORG/REPO[/PATH][@REVISION]``.
+            name (str | None): ``ns/name``; default ``local/<file stem>``, or ``<org>/<stem>`` for hub sources.
+            kind (str | None): declare the role (``base``, ``style``, ``image_accel``, ``motion``, ``motion_lora``);
+                detected when None. E.g. a full fine-tune declared ``style`` is stored as a dense residual.
+            tags (Iterable[str], default ()): labels for :meth:`search`.
+            metadata (dict | None): free-form JSON stored with the version.
+            sha256 (str | None): declared sha256 of the file (or the folder's manifest digest); a mismatch
+                stores nothing.
+            revision (str | None): hub revision (branch, tag or commit) for ``hf://`` sources.
+            lineage (Derivation | None): how the file was produced, committed together with the version
+                (e.g. ``Derivation.from_recipe(recipe, ...)`` for a merge output).
+            allow_pickle (bool, default False): convert a pickle checkpoint (weights only, in a child process).
+            strict (bool, default True): refuse files with keys that map to no module of the family.
+            exist_ok (bool, default True): when ``name`` already holds these tensors, return that version;
+                False raises :class:`DuplicateVersionError`.
+        Returns:
+            VersionInfo: the new (or existing) version.
+        """
+        with stage(source, revision=revision, allow_pickle=allow_pickle) as staged:
+            ref = Ref.parse_name(name or staged.default_name)
+            files = [self._put(f.path, f.sha256 or (sha256 if not staged.folder else None), f.relpath)
+                     for f in staged.files]
+            new = self._describe(files, staged, kind=kind, tags=tags, metadata=metadata, strict=strict)
+            if sha256 is not None and sha256 != new.sha256:
+                raise HashMismatchError(f"{staged.source}: manifest digest is {new.sha256}, but {sha256} was "
+                                        "declared. Fix: correct the declared hash.")
+            with transaction(self._engine, write=True) as s:
+                version, created = crud.create_version(s, namespace=ref.namespace, name=ref.name, new=new)
+                if lineage is not None and version.derivation is None:
+                    crud.record_derivation(s, version=version, derivation=lineage)
+                info = crud.version_info(version)
+            for f, src in zip(files, staged.files):  # a gc between our blob write and commit may have taken it
+                if not self.store.exists(f.sha256):
+                    self._put(src.path, f.sha256, f.path)
+        if not created:
+            msg = (f"{info.ref} already holds these tensors (tensor hash {info.tensor_hash[:12]}); nothing added. "
+                   "Fix: to register it again, use another name.")
+            if not exist_ok:
+                raise DuplicateVersionError(msg, info)
+            log.info(msg)
+        return info
+
+    def _put(self, path: Path, sha256: str | None, relpath: str) -> FileInfo:
+        blob = self.store.put(path, sha256=sha256)
+        return FileInfo(path=relpath, sha256=blob.sha256, size_bytes=blob.size)
+
+    def _describe(self, files: list[FileInfo], staged: Staged, *, kind: str | None, tags: Iterable[str],
+                  metadata: dict[str, Any] | None, strict: bool) -> VersionCreate:
+        """Inspect the stored copy (what was stored is what gets described) and build the version record."""
+        from weightlab.inspect import inspect_path
+        from weightlab.loading import load
+
+        path = self._checkouts.path(files, folder=staged.folder)
+        info = inspect_path(path)
+        if info.skipped and strict:
+            raise UnmatchedKeysError(
+                f"{staged.source}: {len(info.skipped)} key(s) map to no {info.family} module: {fmt_keys(info.skipped)}. "
+                "Fix: use a residual made for this family, or pass strict=False (CLI: --lenient) to register it "
+                "anyway (`open` then reports those keys in `.skipped`).", info.skipped)
+        if kind is not None and kind != info.kind_guess:
+            load(path, kind=kind, strict=strict)  # raises if the file cannot play that role
+        if staged.folder:
+            files = [f.model_copy(update={"tensor_hash": tensor_hash(path / f.path)}) if f.path.endswith(".safetensors")
+                     else f for f in files]
+            identity = _folder_identity(files)
+        else:
+            files = [files[0].model_copy(update={"tensor_hash": info.tensor_hash})]
+            identity = info.tensor_hash
+        return VersionCreate(
+            sha256=manifest_digest(files) if staged.folder else files[0].sha256, tensor_hash=identity,
+            size_bytes=sum(f.size_bytes for f in files), format=info.format, family=info.family,
+            kind=kind or info.kind_guess, representation=info.representation, ranks=info.ranks, alphas=info.alphas,
+            dtypes=info.dtypes, n_params=info.n_params, n_targets=info.n_targets, config=info.config,
+            metadata=metadata or {}, source=staged.source, files=files, tags=list(tags),
+        )
+
+    def add_lineage(self, ref: str, derivation: Derivation) -> LineageNode:
+        """Record how an existing version was produced (once; lineage never changes afterwards).
+
+        Returns:
+            LineageNode: the version with its recorded inputs.
+        """
+        with transaction(self._engine, write=True) as s:
+            version = crud.resolve(s, ref=Ref.parse(ref))
+            crud.record_derivation(s, version=version, derivation=derivation)
+            return crud.lineage(s, version=version, depth=1)
+
+    # -- reading --------------------------------------------------------------------------------------------
+
+    def get(self, ref: str) -> VersionInfo:
+        """The version ``ns/name[@version|@hash|:alias]`` names (no suffix: the newest)."""
+        with transaction(self._engine) as s:
+            return crud.version_info(crud.resolve(s, ref=Ref.parse(ref)))
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """Every version of ``ns/name``, oldest first."""
+        ref = Ref.parse_name(name)
+        with transaction(self._engine) as s:
+            return [crud.version_info(v) for v in crud.list_versions(s, namespace=ref.namespace, name=ref.name)]
+
+    def search(self, *, kind: str | None = None, family: str | None = None, tag: str | None = None,
+               text: str | None = None, namespace: str | None = None, all_versions: bool = False,
+               limit: int | None = None) -> list[VersionInfo]:
+        """Versions matching every given filter, sorted by name.
+
+        Args:
+            kind, family, tag (str | None): exact matches.
+            text (str | None): case-insensitive substring of the namespace, name, source or metadata.
+            namespace (str | None): only this namespace.
+            all_versions (bool, default False): every matching version, not just the newest per artifact.
+            limit (int | None): at most this many.
+        """
+        with transaction(self._engine) as s:
+            found = crud.search(s, kind=kind, family=family, tag=tag, text=text, namespace=namespace,
+                                all_versions=all_versions, limit=limit)
+            return [crud.version_info(v) for v in found]
+
+    def lineage(self, ref: str, *, depth: int | None = None) -> LineageNode:
+        """What ``ref`` was derived from, recursively: relation, recipe, and each input's role and scale."""
+        with transaction(self._engine) as s:
+            return crud.lineage(s, version=crud.resolve(s, ref=Ref.parse(ref)), depth=depth)
+
+    def path(self, ref: str) -> Path:
+        """A local path with the version's content: its file, or its folder laid out as it was added."""
+        info = self.get(ref)
+        return self._checkouts.path(info.files, folder=info.is_folder)
+
+    def open(self, ref: str, **load_kwargs: Any):
+        """Load the version as a residual (``weightlab.load`` with the registered kind).
+
+        Keys were checked when the version was added, so loading is lenient by default (``strict=False``): a
+        version registered with ``strict=False`` opens with its unmatched keys reported in ``.skipped``.
+
+        Returns:
+            Residual: a ``Base``, ``Dense``, ``LoRA`` or ``MotionModule``.
+        """
+        from weightlab.loading import load
+
+        info = self.get(ref)
+        load_kwargs.setdefault("strict", False)
+        return load(self._checkouts.path(info.files, folder=info.is_folder), kind=info.kind, **load_kwargs)
+
+    # -- labels ---------------------------------------------------------------------------------------------
+
+    def alias(self, ref: str, alias: str) -> VersionInfo:
+        """Point ``alias`` (e.g. ``prod``) of the artifact at the version ``ref`` names; moves it if it exists."""
+        with transaction(self._engine, write=True) as s:
+            version = crud.resolve(s, ref=Ref.parse(ref))
+            crud.set_alias(s, version=version, alias=alias)
+            s.refresh(version)
+            return crud.version_info(version)
+
+    def unalias(self, ref: str) -> None:
+        """Delete the alias in ``ns/name:alias``."""
+        parsed = Ref.parse(ref)
+        if parsed.alias is None:
+            raise RegistryError(f"{ref!r} names no alias. Fix: write ns/name:alias.")
+        with transaction(self._engine, write=True) as s:
+            crud.remove_alias(s, ref=parsed)
+
+    def tag(self, ref: str, add: Iterable[str] = (), *, remove: Iterable[str] = ()) -> VersionInfo:
+        """Add and remove tags of a version; returns it with its new tags."""
+        with transaction(self._engine, write=True) as s:
+            version = crud.resolve(s, ref=Ref.parse(ref))
+            crud.update_tags(s, version=version, add=list(add), remove=list(remove))
+            return crud.version_info(version)
+
+    # -- maintenance ----------------------------------------------------------------------------------------
+
+    def verify(self, *, remove_corrupt: bool = False) -> VerifyReport:
+        """Re-hash every blob; report corrupt blobs and blobs that versions need but the store lacks.
+
+        Args:
+            remove_corrupt (bool, default False): delete corrupt blobs, so that adding the original file again
+                restores them.
+        """
+        from tqdm import tqdm
+
+        with transaction(self._engine) as s:
+            users = crud.blob_users(s)
+        problems: list[BlobProblem] = []
+        removed: list[str] = []
+        present = set()
+        blobs = list(self.store.list())
+        for blob in tqdm(blobs, desc="verify", unit="blob", disable=None):
+            present.add(blob.sha256)
+            actual = self.store.rehash(blob.sha256)
+            if actual != blob.sha256:
+                problems.append(BlobProblem(sha256=blob.sha256, problem="corrupt", actual_sha256=actual,
+                                            versions=users.get(blob.sha256, [])))
+                if remove_corrupt:
+                    self.store.delete(blob.sha256)
+                    removed.append(blob.sha256)
+        problems += [BlobProblem(sha256=sha, problem="missing", versions=refs)
+                     for sha, refs in sorted(users.items()) if sha not in present]
+        return VerifyReport(checked=len(blobs), problems=problems, removed=removed)
+
+    def gc(self, *, grace: float = GC_GRACE_SECONDS, dry_run: bool = False) -> GcReport:
+        """Delete blobs no version references, and stale temp files and checkouts.
+
+        Args:
+            grace (float, default 3600): keep anything modified in the last ``grace`` seconds (an ``add`` in
+                progress writes its blobs before it commits).
+            dry_run (bool, default False): report without deleting.
+        """
+        cutoff = time.time() - grace
+        candidates = [b for b in self.store.list() if b.mtime < cutoff]  # list before reading references
+        with transaction(self._engine) as s:
+            referenced = set(crud.blob_users(s))
+            keep = crud.all_file_lists(s)
+        doomed = [b for b in candidates if b.sha256 not in referenced]
+        if not dry_run:
+            for b in doomed:
+                self.store.delete(b.sha256)
+        return GcReport(
+            deleted=[b.sha256 for b in doomed], freed_bytes=sum(b.size for b in doomed),
+            kept=len(referenced), temp_removed=0 if dry_run else self.store.sweep_temp(older_than=grace),
+            checkouts_removed=self._checkouts.sweep(keep=keep, older_than=grace, dry_run=dry_run), dry_run=dry_run,
+        )
+
+
+def _folder_identity(files: list[FileInfo]) -> str:
+    """sha256 over ``<identity>  <path>`` lines: tensor hash for safetensors files, sha256 for the rest."""
+    lines = "".join(f"{f.tensor_hash or f.sha256}  {f.path}\n" for f in sorted(files, key=lambda f: f.path))
+    return hashlib.sha256(lines.encode()).hexdigest()

@@ -1,0 +1,319 @@
+"""Data access: every query and write of the registry, as keyword-only functions over a ``Session``.
+
+The caller owns the transaction (:func:`weightlab.registry.db.transaction`); nothing here commits. Writes that
+must not race lock the artifact's row first (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's write
+transactions are already serialised), so version numbers, aliases, tags and lineage change one writer at a time.
+"""
+
+from __future__ import annotations
+
+import difflib
+from datetime import timezone
+from typing import TypeVar
+
+from sqlalchemy import String, and_, cast, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from weightlab.errors import NotFoundError, RegistryError
+from weightlab.registry.models import (Alias, Artifact, Derivation, DerivationInput, Namespace, Version, VersionFile,
+                                       VersionTag)
+from weightlab.registry.schemas import (LATEST, Derivation as DerivationSpec, FileInfo, LineageEdge, LineageNode,
+                                        Ref, VersionCreate, VersionInfo, check_label)
+
+M = TypeVar("M", Namespace, Artifact)
+_VERSION_LOAD = (selectinload(Version.files), selectinload(Version.tags), selectinload(Version.aliases),
+                 selectinload(Version.artifact).selectinload(Artifact.namespace))
+
+
+def version_ref(version: Version) -> str:
+    return f"{version.artifact.full_name}@{version.number}"
+
+
+def version_info(version: Version) -> VersionInfo:
+    """The public view of a version row."""
+    created = version.created_at
+    return VersionInfo(
+        ref=version_ref(version), namespace=version.artifact.namespace.name, name=version.artifact.name,
+        number=version.number, sha256=version.sha256, tensor_hash=version.tensor_hash, size_bytes=version.size_bytes,
+        format=version.format, family=version.family, kind=version.kind, representation=version.representation,
+        ranks=version.ranks, alphas=version.alphas, dtypes=version.dtypes, n_params=version.n_params,
+        n_targets=version.n_targets, config=version.config, metadata=version.meta, source=version.source,
+        files=[FileInfo(path=f.path, sha256=f.sha256, size_bytes=f.size_bytes, tensor_hash=f.tensor_hash)
+               for f in version.files],
+        tags=[t.name for t in version.tags], aliases=[a.name for a in version.aliases],
+        created_at=created if created.tzinfo else created.replace(tzinfo=timezone.utc),
+    )
+
+
+def _get_or_create(session: Session, model: type[M], **keys) -> M:
+    """The row with ``keys``, inserting it if missing; safe when another transaction inserts it concurrently."""
+    row = session.scalar(select(model).filter_by(**keys))
+    if row is not None:
+        return row
+    try:
+        with session.begin_nested():
+            row = model(**keys)
+            session.add(row)
+    except IntegrityError:  # inserted by a concurrent transaction since our SELECT: use theirs
+        row = session.scalar(select(model).filter_by(**keys))
+        if row is None:
+            raise
+    return row
+
+
+def _lock(session: Session, artifact: Artifact) -> None:
+    session.execute(select(Artifact.id).where(Artifact.id == artifact.id).with_for_update())
+
+
+def find_artifact(session: Session, *, namespace: str, name: str) -> Artifact | None:
+    return session.scalar(select(Artifact).join(Artifact.namespace)
+                          .where(Namespace.name == namespace, Artifact.name == name))
+
+
+def _not_found(session: Session, ref: Ref) -> NotFoundError:
+    names = [f"{ns}/{n}" for ns, n in session.execute(select(Namespace.name, Artifact.name).join(Artifact.namespace))]
+    close = difflib.get_close_matches(ref.artifact, names, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else " Fix: `weightlab ls` lists what is registered."
+    return NotFoundError(f"no artifact named {ref.artifact} in the registry.{hint}")
+
+
+def resolve(session: Session, *, ref: Ref) -> Version:
+    """The version a reference names.
+
+    Raises:
+        NotFoundError: no such artifact, version number, hash prefix or alias (the message suggests close names).
+        RegistryError: a hash prefix matches several versions.
+    """
+    artifact = find_artifact(session, namespace=ref.namespace, name=ref.name)
+    if artifact is None:
+        raise _not_found(session, ref)
+    q = select(Version).where(Version.artifact_id == artifact.id)
+    if ref.number is not None:
+        version = session.scalar(q.where(Version.number == ref.number))
+        what = f"version {ref.number}"
+    elif ref.digest is not None:
+        prefix = ref.digest + "%"  # hex digits only (Ref.parse checked), so no LIKE wildcards inside
+        found = session.scalars(q.where(or_(Version.sha256.like(prefix), Version.tensor_hash.like(prefix))).limit(2)).all()
+        if len(found) > 1:
+            raise RegistryError(f"{ref}: the hash prefix matches several versions. Fix: give more hex digits.")
+        version = found[0] if found else None
+        what = f"a version whose sha256 or tensor hash starts with {ref.digest}"
+    elif ref.alias is not None and ref.alias != LATEST:
+        version = session.scalar(q.join(Alias, Alias.version_id == Version.id)
+                                 .where(Alias.artifact_id == artifact.id, Alias.name == ref.alias))
+        what = f"an alias {ref.alias!r}"
+    else:
+        version = session.scalar(q.order_by(Version.number.desc()).limit(1))
+        what = "any version"
+    if version is None:
+        have = session.execute(select(func.max(Version.number)).where(Version.artifact_id == artifact.id)).scalar()
+        aliases = session.scalars(select(Alias.name).where(Alias.artifact_id == artifact.id).order_by(Alias.name)).all()
+        raise NotFoundError(f"{ref.artifact} has no {what} (versions 1..{have or 0}; aliases: "
+                            f"{', '.join(aliases) or 'none'}). Fix: `weightlab show {ref.artifact}`.")
+    return version
+
+
+def create_version(session: Session, *, namespace: str, name: str, new: VersionCreate) -> tuple[Version, bool]:
+    """Insert the next version of ``namespace/name`` (created if missing).
+
+    Returns:
+        tuple[Version, bool]: the version and True, or the existing version with the same tensor hash and False.
+    """
+    ns = _get_or_create(session, Namespace, name=namespace)
+    artifact = _get_or_create(session, Artifact, namespace_id=ns.id, name=name)
+    _lock(session, artifact)
+    existing = session.scalar(select(Version).where(Version.artifact_id == artifact.id,
+                                                    Version.tensor_hash == new.tensor_hash))
+    if existing is not None:
+        return existing, False
+    last = session.scalar(select(func.max(Version.number)).where(Version.artifact_id == artifact.id))
+    version = Version(
+        artifact=artifact, number=(last or 0) + 1, sha256=new.sha256, tensor_hash=new.tensor_hash,
+        size_bytes=new.size_bytes, format=new.format, family=new.family, kind=new.kind,
+        representation=new.representation, ranks=new.ranks, alphas=new.alphas, dtypes=new.dtypes,
+        n_params=new.n_params, n_targets=new.n_targets, config=new.config, meta=new.metadata, source=new.source,
+        files=[VersionFile(path=f.path, sha256=f.sha256, size_bytes=f.size_bytes, tensor_hash=f.tensor_hash)
+               for f in new.files],
+        tags=[VersionTag(name=t) for t in new.tags],
+    )
+    session.add(version)
+    session.flush()
+    return version, True
+
+
+def list_versions(session: Session, *, namespace: str, name: str) -> list[Version]:
+    artifact = find_artifact(session, namespace=namespace, name=name)
+    if artifact is None:
+        raise _not_found(session, Ref(namespace, name))
+    return list(session.scalars(select(Version).where(Version.artifact_id == artifact.id)
+                                .order_by(Version.number).options(*_VERSION_LOAD)))
+
+
+def search(session: Session, *, kind: str | None = None, family: str | None = None, tag: str | None = None,
+           text: str | None = None, namespace: str | None = None, all_versions: bool = False,
+           limit: int | None = None) -> list[Version]:
+    """Versions matching every given filter; by default only the newest matching version of each artifact.
+
+    ``text`` matches (case-insensitively) the namespace, the name, the source and the metadata.
+    """
+    conds = []
+    if kind:
+        conds.append(Version.kind == kind)
+    if family:
+        conds.append(Version.family == family)
+    if tag:
+        conds.append(Version.tags.any(VersionTag.name == tag))
+    if namespace:
+        conds.append(Namespace.name == namespace)
+    if text:
+        pattern = "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        conds.append(or_(*(func.lower(col).like(pattern, escape="\\") for col in
+                           (Namespace.name, Artifact.name, Version.source, cast(Version.meta, String)))))
+    q = select(Version).join(Version.artifact).join(Artifact.namespace).where(*conds)
+    if not all_versions:
+        newest = (select(Version.artifact_id, func.max(Version.number).label("number"))
+                  .join(Version.artifact).join(Artifact.namespace).where(*conds)
+                  .group_by(Version.artifact_id).subquery())
+        q = q.join(newest, and_(Version.artifact_id == newest.c.artifact_id, Version.number == newest.c.number))
+    q = q.order_by(Namespace.name, Artifact.name, Version.number).options(*_VERSION_LOAD)
+    return list(session.scalars(q.limit(limit) if limit else q))
+
+
+def set_alias(session: Session, *, version: Version, alias: str) -> None:
+    """Point ``alias`` of the version's artifact at ``version`` (creating or moving it)."""
+    check_label(alias, "alias")
+    if alias == LATEST:
+        raise RegistryError(f"`{LATEST}` always names the newest version and cannot be set. Fix: pick another alias.")
+    _lock(session, version.artifact)
+    row = session.get(Alias, (version.artifact_id, alias))
+    if row is None:
+        session.add(Alias(artifact_id=version.artifact_id, name=alias, version_id=version.id))
+    else:
+        row.version_id = version.id
+    session.flush()
+
+
+def remove_alias(session: Session, *, ref: Ref) -> None:
+    """Delete the alias ``ref`` names (``ns/name:alias``)."""
+    version = resolve(session, ref=ref)
+    _lock(session, version.artifact)
+    session.delete(session.get(Alias, (version.artifact_id, ref.alias)))
+    session.flush()
+
+
+def update_tags(session: Session, *, version: Version, add: list[str], remove: list[str]) -> None:
+    _lock(session, version.artifact)
+    have = {t.name: t for t in version.tags}
+    for name in remove:
+        if name in have:
+            version.tags.remove(have.pop(name))
+    for name in add:
+        if check_label(name, "tag") not in have:
+            have[name] = VersionTag(name=name)
+            version.tags.append(have[name])
+    session.flush()
+
+
+def _ancestor_ids(session: Session, version_id: int) -> set[int]:
+    seen: set[int] = set()
+    frontier = {version_id}
+    while frontier:
+        parents = set(session.scalars(
+            select(DerivationInput.parent_version_id).join(Derivation)
+            .where(Derivation.version_id.in_(frontier), DerivationInput.parent_version_id.is_not(None))))
+        frontier = parents - seen
+        seen |= parents
+    return seen
+
+
+def record_derivation(session: Session, *, version: Version, derivation: DerivationSpec) -> None:
+    """Record how ``version`` was produced. Lineage, like the version, is written once.
+
+    Raises:
+        RegistryError: the version already has lineage, or an input is the version itself or derived from it.
+        NotFoundError: an input reference names nothing.
+    """
+    _lock(session, version.artifact)
+    if session.scalar(select(Derivation.id).where(Derivation.version_id == version.id)) is not None:
+        raise RegistryError(f"{version_ref(version)} already has lineage; lineage is immutable like the version. "
+                            "Fix: register the output as a new version with its lineage.")
+    rows = []
+    for position, inp in enumerate(derivation.inputs):
+        if inp.ref is not None:
+            ref = Ref.parse(inp.ref)
+            parent = resolve(session, ref=ref)
+            if inp.tensor_hash is not None and inp.tensor_hash not in _hashes(parent):
+                parent = _holding(session, inp.tensor_hash, artifact_id=parent.artifact_id)
+                if parent is None:
+                    raise NotFoundError(
+                        f"lineage input {inp.ref}: no version of {ref.artifact} holds tensors {inp.tensor_hash[:12]} "
+                        "(the ones the merge used). Fix: add that file to the registry first, or pass the "
+                        "input's path and tensor hash without a ref.")
+            tensor_hash, label = inp.tensor_hash or parent.tensor_hash, inp.ref
+        else:
+            parent = _holding(session, inp.tensor_hash)
+            tensor_hash, label = inp.tensor_hash, inp.label
+        if parent is not None and (parent.id == version.id or version.id in _ancestor_ids(session, parent.id)):
+            raise RegistryError(f"{version_ref(version)} cannot be derived from {version_ref(parent)}: that would "
+                                "make a cycle in the lineage. Fix: check the inputs.")
+        rows.append(DerivationInput(position=position, parent_version_id=parent.id if parent else None,
+                                    tensor_hash=tensor_hash, label=label, role=inp.role, scale=inp.scale))
+    session.add(Derivation(version_id=version.id, relation=derivation.relation, recipe=derivation.recipe, inputs=rows))
+    session.flush()
+
+
+def _hashes(version: Version) -> set[str]:
+    return {version.tensor_hash} | {f.tensor_hash for f in version.files if f.tensor_hash}
+
+
+def _holding(session: Session, tensor_hash: str, *, artifact_id: int | None = None) -> Version | None:
+    """The oldest version whose identity, or one of whose files, has this tensor hash."""
+    q = select(Version).where(or_(Version.tensor_hash == tensor_hash,
+                                  Version.files.any(VersionFile.tensor_hash == tensor_hash)))
+    if artifact_id is not None:
+        q = q.where(Version.artifact_id == artifact_id)
+    return session.scalar(q.order_by(Version.id).limit(1))
+
+
+def lineage(session: Session, *, version: Version, depth: int | None = None) -> LineageNode:
+    """The ancestry tree of ``version``, ``depth`` levels deep (None: all). A node met twice is shown once."""
+    expanded: set[int] = set()
+
+    def node(v: Version, level: int) -> LineageNode:
+        out = LineageNode(label=version_ref(v), tensor_hash=v.tensor_hash, version=version_info(v))
+        d = v.derivation
+        if d is None:
+            return out
+        if v.id in expanded or (depth is not None and level >= depth):
+            out.truncated = True
+            return out
+        expanded.add(v.id)
+        out.relation, out.recipe = d.relation, d.recipe
+        for inp in d.inputs:
+            parent = inp.parent or _holding(session, inp.tensor_hash)
+            child = (node(parent, level + 1) if parent is not None
+                     else LineageNode(label=inp.label or inp.tensor_hash, tensor_hash=inp.tensor_hash))
+            out.inputs.append(LineageEdge(role=inp.role, scale=inp.scale, node=child))
+        return out
+
+    return node(version, 0)
+
+
+def blob_users(session: Session) -> dict[str, list[str]]:
+    """sha256 -> references of every version with a file in that blob."""
+    users: dict[str, list[str]] = {}
+    rows = session.execute(select(VersionFile.sha256, Namespace.name, Artifact.name, Version.number)
+                           .join(Version, VersionFile.version_id == Version.id).join(Version.artifact)
+                           .join(Artifact.namespace))
+    for sha, ns, name, number in rows.all():
+        users.setdefault(sha, []).append(f"{ns}/{name}@{number}")
+    return {sha: sorted(refs) for sha, refs in users.items()}
+
+
+def all_file_lists(session: Session) -> list[list[FileInfo]]:
+    """The file list of every version (for finding which checkouts are still wanted)."""
+    lists: dict[int, list[FileInfo]] = {}
+    for f in session.scalars(select(VersionFile)):
+        lists.setdefault(f.version_id, []).append(FileInfo(path=f.path, sha256=f.sha256, size_bytes=f.size_bytes))
+    return list(lists.values())

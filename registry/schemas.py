@@ -1,0 +1,327 @@
+"""Registry references and the pydantic models that cross the registry's boundary.
+
+These are the whole interface: :class:`weightlab.registry.api.Registry` takes and returns them, and an HTTP
+client (or the web API) exchanges them as JSON.
+
+A reference is ``ns/name`` (the newest version), ``ns/name@N`` (version number N), ``ns/name@<hex>`` (8 or more
+hex digits: a prefix of the version's sha256 or tensor hash; up to 7 plain digits read as a number) or
+``ns/name:alias`` (``latest`` is the newest version; other aliases are set with ``alias``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from weightlab.errors import RegistryError
+
+KINDS = ("base", "style", "image_accel", "motion", "motion_lora")
+Kind = Literal["base", "style", "image_accel", "motion", "motion_lora"]
+Relation = Literal["merged_from", "trained_from", "exported_from"]
+LATEST = "latest"
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+_LABEL = r"[A-Za-z][A-Za-z0-9._-]{0,99}"
+_REF = re.compile(rf"^(?P<ns>{_NAME})/(?P<name>{_NAME})(?:@(?P<version>[0-9a-fA-F]{{1,64}})|:(?P<alias>{_LABEL}))?$")
+_NAME_RE = re.compile(rf"^{_NAME}$")
+_LABEL_RE = re.compile(rf"^{_LABEL}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_label(value: str, what: str) -> str:
+    """Validate an alias or tag: a letter, then letters, digits, ``.``, ``_`` or ``-`` (at most 100)."""
+    if not _LABEL_RE.match(value):
+        raise RegistryError(f"invalid {what} {value!r}: use a letter, then letters, digits, '.', '_' or '-' "
+                            "(at most 100 characters).")
+    return value
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed reference; at most one of ``number``, ``digest`` and ``alias`` is set."""
+
+    namespace: str
+    name: str
+    number: int | None = None
+    digest: str | None = None
+    alias: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Ref:
+        """Parse ``ns/name[@version|@hash|:alias]``.
+
+        Raises:
+            RegistryError: the text is not a reference (the message shows the accepted forms).
+        """
+        m = _REF.match(text.strip())
+        if not m:
+            raise RegistryError(
+                f"{text!r} is not a registry reference. Use ns/name, ns/name@3, ns/name@<8+ hex digits of a hash> "
+                "or ns/name:alias (names: letters, digits, '.', '_', '-'; e.g. local/my-style@2).")
+        version = m["version"]
+        if version is None:
+            return cls(m["ns"], m["name"], alias=m["alias"])
+        if version.isdigit() and len(version) < 8:
+            if int(version) < 1:
+                raise RegistryError(f"{text!r}: version numbers start at 1.")
+            return cls(m["ns"], m["name"], number=int(version))
+        if len(version) < 8:
+            raise RegistryError(f"{text!r}: a hash prefix needs at least 8 hex digits.")
+        return cls(m["ns"], m["name"], digest=version.lower())
+
+    @classmethod
+    def parse_name(cls, text: str) -> Ref:
+        """Parse a plain ``ns/name`` (no version or alias), as used to name a new version."""
+        ref = cls.parse(text)
+        if ref != cls(ref.namespace, ref.name):
+            raise RegistryError(f"{text!r}: name a new version as ns/name, without @version or :alias.")
+        return ref
+
+    @staticmethod
+    def is_ref(text: str) -> bool:
+        return bool(_REF.match(text.strip()))
+
+    @property
+    def artifact(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def __str__(self) -> str:
+        if self.number is not None:
+            return f"{self.artifact}@{self.number}"
+        if self.digest is not None:
+            return f"{self.artifact}@{self.digest}"
+        return f"{self.artifact}:{self.alias}" if self.alias else self.artifact
+
+
+def check_name(text: str) -> str:
+    if not _NAME_RE.match(text):
+        raise RegistryError(f"invalid name {text!r}: use letters, digits, '.', '_' or '-' (at most 100 characters, "
+                            "starting with a letter or digit).")
+    return text
+
+
+class FileInfo(BaseModel):
+    """One file of a version: its path inside the version, its blob, and (safetensors) its tensor hash."""
+
+    path: str
+    sha256: str
+    size_bytes: int
+    tensor_hash: str | None = None
+
+
+def manifest_digest(files: list[FileInfo]) -> str:
+    """sha256 of the ``sha256sum``-style listing (``<sha256>  <path>``, sorted by path) of a version's files."""
+    listing = "".join(f"{f.sha256}  {f.path}\n" for f in sorted(files, key=lambda f: f.path))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+class VersionCreate(BaseModel):
+    """Everything stored about a new version (the ingest step fills it from the stored files)."""
+
+    sha256: str = Field(description="the file's sha256; for a folder, manifest_digest(files)")
+    tensor_hash: str = Field(description="identity: header-independent (metadata edits keep it)")
+    size_bytes: int
+    format: str
+    family: str
+    kind: Kind
+    representation: str
+    ranks: list[int] = []
+    alphas: list[float] = []
+    dtypes: list[str] = []
+    n_params: int = 0
+    n_targets: int = 0
+    config: dict[str, Any] | None = None
+    metadata: dict[str, Any] = {}
+    source: str | None = None
+    files: list[FileInfo]
+    tags: list[str] = []
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: list[str]) -> list[str]:
+        return sorted({check_label(t, "tag") for t in tags})
+
+
+class VersionInfo(BaseModel):
+    """A registered version. Immutable except for its labels (``tags``, ``aliases``)."""
+
+    ref: str = Field(description="canonical reference, ns/name@N")
+    namespace: str
+    name: str
+    number: int
+    sha256: str
+    tensor_hash: str
+    size_bytes: int
+    format: str
+    family: str
+    kind: Kind
+    representation: str
+    ranks: list[int]
+    alphas: list[float]
+    dtypes: list[str]
+    n_params: int
+    n_targets: int
+    config: dict[str, Any] | None
+    metadata: dict[str, Any]
+    source: str | None
+    files: list[FileInfo]
+    tags: list[str]
+    aliases: list[str]
+    created_at: datetime
+
+    @property
+    def artifact(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def is_folder(self) -> bool:
+        return self.format == "diffusers"
+
+
+class LineageInput(BaseModel):
+    """One input of a derivation: a registered version, or an outside file known by its tensor hash.
+
+    Args:
+        ref (str | None): ``ns/name[@version|:alias]``; recorded as the exact version it resolves to. With
+            ``tensor_hash`` too, the version of that artifact holding those tensors (an alias may have moved
+            since the merge ran).
+        tensor_hash (str | None): the input's tensor hash (of the file, or of the weights file in a folder).
+            Alone, for an input that is not registered (e.g. a recipe term given as a path): linked to a
+            registered version holding those tensors if there is one.
+        label (str | None): how to show an unregistered input (its path).
+        role (str, default "term"): ``base``, a kind (``style``, ``image_accel``, ...) or another word.
+        scale (float | None): the input's scale in the merge (α, β, γ).
+    """
+
+    model_config = ConfigDict(frozen=True)
+    ref: str | None = None
+    tensor_hash: str | None = None
+    label: str | None = None
+    role: str = "term"
+    scale: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> LineageInput:
+        if self.ref is None and self.tensor_hash is None:
+            raise ValueError("give `ref` (a registered version), `tensor_hash` (an outside file), or both")
+        if self.tensor_hash is not None and not _HEX64.match(self.tensor_hash):
+            raise ValueError(f"tensor_hash {self.tensor_hash!r} is not a sha256 digest (64 lowercase hex digits)")
+        check_label(self.role, "role")
+        return self
+
+
+class Derivation(BaseModel):
+    """How a version was produced: the relation, its ordered inputs and (for merges) the recipe as JSON."""
+
+    model_config = ConfigDict(frozen=True)
+    relation: Relation
+    inputs: list[LineageInput] = Field(min_length=1)
+    recipe: dict[str, Any] | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, *, input_hashes: dict[str, str] | None = None) -> Derivation:
+        """A ``merged_from`` derivation of a :class:`weightlab.recipe.Recipe`: the base, then every term with its scale.
+
+        Args:
+            recipe (Recipe): the merge's recipe; its JSON is recorded.
+            input_hashes (dict[str, str] | None): source -> tensor hash, as the merge engine writes into the
+                output's ``weightlab.inputs`` metadata. Needed for sources that are paths; for registry
+                references it pins the exact version that was merged.
+
+        Example:
+            >>> Derivation.from_recipe(recipe, input_hashes={"/tmp/style.safetensors": "ab12..."})  # doctest: +SKIP
+        """
+        hashes = {k: v for k, v in (input_hashes or {}).items() if v}
+
+        def one(source: str, role: str, scale: float | None) -> LineageInput:
+            if Ref.is_ref(source):
+                return LineageInput(ref=source, tensor_hash=hashes.get(source), role=role, scale=scale)
+            if source not in hashes:
+                raise RegistryError(f"recipe input {source!r} is a path, not a registry reference, and no tensor hash "
+                                    "was given for it. Fix: pass input_hashes={path: tensor_hash}, or name it ns/name@N.")
+            return LineageInput(tensor_hash=hashes[source], label=source, role=role, scale=scale)
+
+        inputs = [one(recipe.base, "base", None)] + [one(t.source, t.kind, t.scale) for t in recipe.terms]
+        return cls(relation="merged_from", inputs=inputs, recipe=recipe.model_dump(mode="json"))
+
+    @classmethod
+    def from_merged_file(cls, path: str | os.PathLike) -> Derivation:
+        """The derivation a merge output carries: ``weightlab.recipe`` and ``weightlab.inputs`` in its header.
+
+        Args:
+            path (str | PathLike): a file from ``weightlab.merge_to_file``, or a folder from ``merge_to_folder``.
+        Raises:
+            RegistryError: the file holds no weightlab merge metadata.
+        Example:
+            >>> reg.add("out.safetensors", name="me/anim", lineage=Derivation.from_merged_file("out.safetensors"))  # doctest: +SKIP
+        """
+        import json
+        from pathlib import Path
+
+        from weightlab.files import read_header
+        from weightlab.inspect import weights_file
+        from weightlab.recipe import Recipe
+
+        meta = read_header(weights_file(Path(path))).metadata
+        if "weightlab.recipe" not in meta:
+            raise RegistryError(f"{path}: no `weightlab.recipe` in its safetensors metadata; it is not a weightlab "
+                                "merge output. Fix: pass lineage=Derivation.from_recipe(recipe, ...) yourself.")
+        recipe = Recipe.model_validate_json(meta["weightlab.recipe"])
+        return cls.from_recipe(recipe, input_hashes=json.loads(meta.get("weightlab.inputs", "{}")))
+
+
+class LineageEdge(BaseModel):
+    role: str
+    scale: float | None
+    node: LineageNode
+
+
+class LineageNode(BaseModel):
+    """A version (or an unregistered input) and, recursively, what it was derived from."""
+
+    label: str = Field(description="canonical reference, or the recorded label of an unregistered input")
+    tensor_hash: str
+    version: VersionInfo | None = None
+    relation: Relation | None = None
+    recipe: dict[str, Any] | None = None
+    inputs: list[LineageEdge] = []
+    truncated: bool = Field(False, description="inputs not expanded (depth limit, or already shown above)")
+
+
+class BlobProblem(BaseModel):
+    sha256: str
+    problem: Literal["corrupt", "missing"]
+    actual_sha256: str | None = None
+    versions: list[str] = Field(description="references of the versions that use this blob")
+
+
+class VerifyReport(BaseModel):
+    """Result of re-hashing every blob."""
+
+    checked: int
+    problems: list[BlobProblem]
+    removed: list[str] = Field(default_factory=list, description="corrupt blobs deleted (remove_corrupt=True)")
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class GcReport(BaseModel):
+    """Result of a garbage collection."""
+
+    deleted: list[str]
+    freed_bytes: int
+    kept: int
+    temp_removed: int
+    checkouts_removed: int
+    dry_run: bool
+
+
+LineageEdge.model_rebuild()

@@ -1,0 +1,209 @@
+"""Content-addressed blob stores: bytes named by their sha256, written once, never modified.
+
+:class:`BlobStore` is the contract every backend keeps (the local one here; an S3-compatible one plugs in the
+same way). Writes are atomic (temp file + fsync + rename), deduplicated by hash, and verified against a declared
+hash when one is given. A blob that already exists is *freshened* (its mtime set to now) when written again, so
+:meth:`Registry.gc`'s grace period protects blobs that an ``add`` is about to reference (git does the same).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import stat
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from weightlab.errors import NotFoundError, RegistryError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 8 * 1024 * 1024
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class HashMismatchError(RegistryError):
+    """Bytes do not match the hash they were declared or stored under."""
+
+
+@dataclass(frozen=True)
+class BlobStat:
+    sha256: str
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+def check_digest(sha256: str) -> str:
+    if not _HEX64.match(sha256):
+        raise RegistryError(f"{sha256!r} is not a sha256 digest (64 lowercase hex digits).")
+    return sha256
+
+
+class BlobStore(ABC):
+    """Where version files live, by sha256. Implementations must make :meth:`put` atomic and idempotent."""
+
+    url: str
+
+    @abstractmethod
+    def put(self, src: str | os.PathLike, *, sha256: str | None = None) -> BlobStat:
+        """Store the file at ``src``; returns its digest and size.
+
+        Args:
+            src (str | PathLike): file to copy in (streamed, hashed while copying).
+            sha256 (str | None, default None): declared digest; a mismatch raises and stores nothing.
+        Raises:
+            HashMismatchError: the content does not match ``sha256``.
+        """
+
+    @abstractmethod
+    def stat(self, sha256: str) -> BlobStat | None:
+        """Size and mtime of a blob, or None if the store does not hold it."""
+
+    @abstractmethod
+    def open(self, sha256: str) -> BinaryIO:
+        """A binary reader over the blob's bytes. Raises NotFoundError if missing."""
+
+    @abstractmethod
+    def local_path(self, sha256: str) -> Path:
+        """A local, read-only file with the blob's bytes (a remote store downloads it into a cache first)."""
+
+    @abstractmethod
+    def delete(self, sha256: str) -> None:
+        """Remove a blob (no error if it is already gone)."""
+
+    @abstractmethod
+    def list(self) -> Iterator[BlobStat]:
+        """Every blob in the store."""
+
+    @abstractmethod
+    def sweep_temp(self, *, older_than: float) -> int:
+        """Remove leftovers of interrupted writes older than ``older_than`` seconds; returns how many."""
+
+    def exists(self, sha256: str) -> bool:
+        return self.stat(sha256) is not None
+
+    def rehash(self, sha256: str) -> str:
+        """The sha256 of the blob's bytes as stored now (compare with its name to detect corruption)."""
+        h = hashlib.sha256()
+        with self.open(sha256) as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+
+
+class LocalBlobStore(BlobStore):
+    """Blobs under ``root/sha256/<2 hex>/<62 hex>``, read-only; temp files under ``root/tmp`` (same filesystem)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+        self._objects = self.root / "sha256"
+        self._tmp = self.root / "tmp"
+
+    def _path(self, sha256: str) -> Path:
+        check_digest(sha256)
+        return self._objects / sha256[:2] / sha256[2:]
+
+    def put(self, src, *, sha256=None) -> BlobStat:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="blob-", suffix=".part")
+        try:
+            h = hashlib.sha256()
+            size = 0
+            with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                while chunk := fin.read(_CHUNK):
+                    h.update(chunk)
+                    fout.write(chunk)
+                    size += len(chunk)
+                fout.flush()
+                os.fsync(fout.fileno())
+            digest = h.hexdigest()
+            if sha256 is not None and digest != sha256:
+                raise HashMismatchError(
+                    f"{src}: content sha256 is {digest}, but {sha256} was declared. The file is corrupt, "
+                    "incomplete, or not the one you meant. Fix: re-download it, or correct the declared hash.")
+            dest = self._path(digest)
+            if dest.exists():
+                os.utime(dest)  # freshen: gc's grace period now covers the add that is about to reference it
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+                os.replace(tmp, dest)
+                _fsync_dir(dest.parent)
+            return BlobStat(digest, size, time.time())
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def stat(self, sha256):
+        try:
+            st = self._path(sha256).stat()
+        except FileNotFoundError:
+            return None
+        return BlobStat(sha256, st.st_size, st.st_mtime)
+
+    def open(self, sha256):
+        try:
+            return open(self._path(sha256), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {sha256} is missing from the store at {self.url}. "
+                                "Fix: run `weightlab registry verify` to see which versions it affects.") from None
+
+    def local_path(self, sha256):
+        path = self._path(sha256)
+        if not path.is_file():
+            raise NotFoundError(f"blob {sha256} is missing from the store at {self.url}. "
+                                "Fix: run `weightlab registry verify` to see which versions it affects.")
+        return path
+
+    def delete(self, sha256):
+        self._path(sha256).unlink(missing_ok=True)
+
+    def list(self):
+        if not self._objects.is_dir():
+            return
+        for sub in sorted(self._objects.iterdir()):
+            for f in sorted(sub.iterdir()):
+                digest = sub.name + f.name
+                if _HEX64.match(digest):
+                    st = f.stat()
+                    yield BlobStat(digest, st.st_size, st.st_mtime)
+
+    def sweep_temp(self, *, older_than):
+        if not self._tmp.is_dir():
+            return 0
+        cutoff = time.time() - older_than
+        removed = 0
+        for f in self._tmp.iterdir():
+            if f.stat().st_mtime < cutoff:
+                f.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_store(url: str) -> BlobStore:
+    """The blob store at ``url``: a local folder (a path or ``file://``). S3-compatible stores come next.
+
+    Raises:
+        RegistryError: the URL's scheme is not supported.
+    """
+    if "://" in url and not url.startswith("file://"):
+        scheme = url.split("://", 1)[0]
+        raise RegistryError(f"blob store URL {url!r}: scheme {scheme!r} is not supported (supported: a local path, "
+                            "file://). Fix: set WEIGHTLAB_BLOB_STORE to a local folder.")
+    return LocalBlobStore(url.removeprefix("file://"))
+

@@ -1,0 +1,324 @@
+"""Registry commands: ``add``, ``import``, ``ls``, ``show``, ``alias``, ``tag``, ``lineage``, ``db upgrade``,
+``registry verify`` and ``registry gc``.
+
+They use the registry that ``$WEIGHTLAB_HOME`` (default ``~/.weightlab``), ``$WEIGHTLAB_DB_URL`` and
+``$WEIGHTLAB_BLOB_STORE`` point at.
+
+Example:
+    weightlab add style.safetensors --name me/style --tag anime
+    weightlab alias me/style@1 prod
+    weightlab import hf://wangfuyun/AnimateLCM/AnimateLCM_sd15_t2v_lora.safetensors
+    weightlab ls --kind style --json
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from weightlab.cli.common import console, err_console, fail_on_error
+
+_ENV_HELP = "Registry location: $WEIGHTLAB_HOME (default ~/.weightlab), $WEIGHTLAB_DB_URL, $WEIGHTLAB_BLOB_STORE."
+
+
+def _registry():
+    from weightlab.registry.api import Registry
+
+    return Registry()
+
+
+def _size(n: float) -> str:
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if n < 1000:
+            break
+    return f"{n:.1f} {unit}"
+
+
+def _json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _parse_meta(items: list[str], metadata_json: Optional[str]) -> dict:
+    from weightlab.errors import RegistryError
+
+    meta = {}
+    if metadata_json:
+        try:
+            meta = json.loads(metadata_json)
+        except json.JSONDecodeError as e:
+            raise RegistryError(f"--metadata-json is not valid JSON ({e}).") from None
+        if not isinstance(meta, dict):
+            raise RegistryError("--metadata-json must be a JSON object, e.g. '{\"author\": \"me\"}'.")
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RegistryError(f"--meta {item!r}: write KEY=VALUE.")
+        meta[key] = value
+    return meta
+
+
+def _summary(v) -> str:
+    ranks = f", rank {'/'.join(map(str, v.ranks))}" if v.ranks else ""
+    return (f"{v.ref} ({v.kind}, {v.representation}{ranks}, {v.family}, {_size(v.size_bytes)}, "
+            f"tensor hash {v.tensor_hash[:12]})")
+
+
+def _add(source: str, name: Optional[str], kind: Optional[str], tags: list[str], meta: list[str],
+         metadata_json: Optional[str], sha256: Optional[str], revision: Optional[str], allow_pickle: bool,
+         lenient: bool, as_json: bool) -> None:
+    from weightlab.registry.api import DuplicateVersionError
+
+    with fail_on_error():
+        reg = _registry()
+        try:
+            v = reg.add(source, name=name, kind=kind, tags=tags, metadata=_parse_meta(meta, metadata_json),
+                        sha256=sha256, revision=revision, allow_pickle=allow_pickle, strict=not lenient,
+                        exist_ok=False)
+            message = f"added {_summary(v)}"
+        except DuplicateVersionError as e:
+            v, message = e.version, f"{e.version.ref} already holds these tensors; nothing added."
+    if as_json:
+        _json(v.model_dump(mode="json"))
+    else:
+        console.print(message, highlight=False)
+
+
+_KIND = typer.Option(None, "--kind", help="Declare the role: base, style, image_accel, motion, motion_lora (detected if omitted).")
+_TAG = typer.Option([], "--tag", "-t", help="Tag (repeatable).")
+_META = typer.Option([], "--meta", help="Metadata KEY=VALUE (repeatable).")
+_META_JSON = typer.Option(None, "--metadata-json", help="Metadata as a JSON object.")
+_SHA = typer.Option(None, "--sha256", help="Expected sha256 of the file; a mismatch stores nothing.")
+_PICKLE = typer.Option(False, "--allow-pickle", help="Convert a .ckpt/.pt/.bin (weights only, child process). Only for files you trust.")
+_LENIENT = typer.Option(False, "--lenient", help="Register files with keys that match no module (they are ignored when loaded).")
+_JSON = typer.Option(False, "--json", help="Print JSON.")
+
+
+def add_cmd(
+    source: str = typer.Argument(..., help="A .safetensors file, a diffusers folder, or hf://ORG/REPO[/PATH][@REV]."),
+    name: str = typer.Option(..., "--name", "-n", help="ns/name of the artifact, e.g. me/anime-style."),
+    kind: Optional[str] = _KIND, tags: list[str] = _TAG, meta: list[str] = _META,
+    metadata_json: Optional[str] = _META_JSON, sha256: Optional[str] = _SHA, allow_pickle: bool = _PICKLE,
+    lenient: bool = _LENIENT, as_json: bool = _JSON,
+) -> None:
+    """Register a file or folder as the next version of NAME (a name's existing tensors are not added twice)."""
+    _add(source, name, kind, tags, meta, metadata_json, sha256, None, allow_pickle, lenient, as_json)
+
+
+def import_cmd(
+    source: str = typer.Argument(..., help="hf://ORG/REPO[/FILE|/FOLDER][@REV], or a local file or folder."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="ns/name; default ORG/<file stem> (hub) or local/<stem>."),
+    revision: Optional[str] = typer.Option(None, "--revision", "-r", help="Hub branch, tag or commit."),
+    kind: Optional[str] = _KIND, tags: list[str] = _TAG, meta: list[str] = _META,
+    metadata_json: Optional[str] = _META_JSON, sha256: Optional[str] = _SHA, allow_pickle: bool = _PICKLE,
+    lenient: bool = _LENIENT, as_json: bool = _JSON,
+) -> None:
+    """Import from the Hugging Face Hub (through its cache; HF_HUB_OFFLINE=1 uses the cache only) or a local path."""
+    _add(source, name, kind, tags, meta, metadata_json, sha256, revision, allow_pickle, lenient, as_json)
+
+
+def ls_cmd(
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind."),
+    family: Optional[str] = typer.Option(None, "--family", help="Only this family (e.g. sd15)."),
+    tag: Optional[str] = typer.Option(None, "--tag", "-t", help="Only versions with this tag."),
+    text: Optional[str] = typer.Option(None, "--text", "-q", help="Substring of name, source or metadata."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help="Only this namespace."),
+    all_versions: bool = typer.Option(False, "--all", "-a", help="Every version, not just the newest of each name."),
+    as_json: bool = _JSON,
+) -> None:
+    """List registered versions (the newest matching version of each name)."""
+    from rich.table import Table
+
+    with fail_on_error():
+        found = _registry().search(kind=kind, family=family, tag=tag, text=text, namespace=namespace,
+                                   all_versions=all_versions)
+    if as_json:
+        _json([v.model_dump(mode="json") for v in found])
+        return
+    if not found:
+        err_console.print("nothing registered matches. " + _ENV_HELP, highlight=False)
+        return
+    table = Table(show_edge=False)
+    table.add_column("ref", no_wrap=True)
+    for col in ("kind", "repr", "family", "ranks", "size", "tags", "aliases"):
+        table.add_column(col, overflow="fold")
+    for v in found:
+        table.add_row(v.ref, v.kind, v.representation, v.family, ",".join(map(str, v.ranks)) or "-",
+                      _size(v.size_bytes), ",".join(v.tags), ",".join(v.aliases))
+    console.print(table)
+
+
+def show_cmd(ref: str = typer.Argument(..., help="ns/name[@version|:alias]."), as_json: bool = _JSON) -> None:
+    """Show one version: hashes, detection results, files, tags, aliases, source and lineage."""
+    with fail_on_error():
+        reg = _registry()
+        v = reg.get(ref)
+        node = reg.lineage(v.ref, depth=1)
+    if as_json:
+        _json({**v.model_dump(mode="json"), "lineage": node.model_dump(mode="json", exclude={"version"})})
+        return
+    rows = [("ref", v.ref), ("kind", v.kind), ("representation", v.representation), ("family", v.family),
+            ("format", v.format), ("ranks", ", ".join(map(str, v.ranks)) or "-"),
+            ("alphas", ", ".join(f"{a:g}" for a in v.alphas) or "-"), ("targets", str(v.n_targets)),
+            ("params", f"{v.n_params:,}"), ("dtypes", ", ".join(v.dtypes)), ("size", _size(v.size_bytes)),
+            ("sha256", v.sha256), ("tensor hash", v.tensor_hash), ("tags", ", ".join(v.tags) or "-"),
+            ("aliases", ", ".join(v.aliases) or "-"), ("source", v.source or "-"), ("created", str(v.created_at)),
+            ("metadata", json.dumps(v.metadata) if v.metadata else "-")]
+    if node.relation:
+        inputs = ", ".join(f"{e.role} {e.node.label}" + (f" x{e.scale:g}" if e.scale is not None else "")
+                           for e in node.inputs)
+        rows.append((node.relation, inputs))
+    for key, value in rows:
+        console.print(f"[bold]{key:>15}[/]  {value}", highlight=False)
+    for f in v.files:
+        console.print(f"{'file':>15}  {f.path}  {_size(f.size_bytes)}  {f.sha256[:12]}", highlight=False)
+
+
+def alias_cmd(
+    ref: str = typer.Argument(..., help="The version: ns/name@N (or any ref); with --delete, ns/name:alias."),
+    alias: Optional[str] = typer.Argument(None, help="Alias to set or move, e.g. prod."),
+    delete: bool = typer.Option(False, "--delete", help="Delete the alias REF names (ns/name:alias)."),
+) -> None:
+    """Point an alias at a version (moving it if it exists), or delete an alias. Versions never change."""
+    with fail_on_error():
+        reg = _registry()
+        if delete:
+            reg.unalias(ref)
+            console.print(f"deleted alias {ref}", highlight=False)
+            return
+        if not alias:
+            raise typer.BadParameter("give the ALIAS to set, or --delete.")
+        v = reg.alias(ref, alias)
+    console.print(f"{v.artifact}:{alias} -> {v.ref}", highlight=False)
+
+
+def tag_cmd(
+    ref: str = typer.Argument(..., help="ns/name[@version|:alias]."),
+    tags: list[str] = typer.Argument(None, help="Tags to add."),
+    remove: list[str] = typer.Option([], "--remove", "-r", help="Tag to remove (repeatable)."),
+) -> None:
+    """Add or remove tags of a version."""
+    with fail_on_error():
+        v = _registry().tag(ref, tags or [], remove=remove)
+    console.print(f"{v.ref}: {', '.join(v.tags) or 'no tags'}", highlight=False)
+
+
+def lineage_tree(node) -> "Tree":  # noqa: F821
+    """A rich Tree of a :class:`LineageNode`: each input with its role and scale; unregistered inputs by hash."""
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    def label(n, role=None, scale=None) -> str:
+        head = f"[cyan]{escape(role)}[/] " if role else ""
+        head += f"x{scale:g} " if scale is not None else ""
+        if n.version is None:
+            return head + f"{escape(n.label)} [dim](not registered, tensor hash {n.tensor_hash[:12]})[/]"
+        v = n.version
+        return head + f"[bold]{v.ref}[/] [dim]({v.kind}, {v.representation}, {v.tensor_hash[:12]})[/]"
+
+    def grow(tree, n) -> None:
+        if n.truncated:
+            tree.add("[dim]...[/]")
+            return
+        if n.relation:
+            how = ", ".join(str(n.recipe[k]) for k in ("method", "dtype") if k in n.recipe) if n.recipe else ""
+            branch = tree.add(f"[magenta]{n.relation}[/]" + (f" [dim]({escape(how)})[/]" if how else ""))
+            for e in n.inputs:
+                grow(branch.add(label(e.node, e.role, e.scale)), e.node)
+
+    root = Tree(label(node))
+    grow(root, node)
+    return root
+
+
+def lineage_cmd(
+    ref: str = typer.Argument(..., help="ns/name[@version|:alias]."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Levels to show (default: all)."),
+    as_json: bool = _JSON,
+) -> None:
+    """Show what a version was derived from, as a tree (merges: the base and every term with its scale)."""
+    with fail_on_error():
+        node = _registry().lineage(ref, depth=depth)
+    if as_json:
+        _json(node.model_dump(mode="json"))
+        return
+    console.print(lineage_tree(node))
+
+
+db_app = typer.Typer(help="Registry database schema.", no_args_is_help=True)
+registry_app = typer.Typer(help="Registry maintenance: verify blobs, collect garbage.", no_args_is_help=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade_cmd(revision: str = typer.Option("head", "--revision", help="Target schema revision.")) -> None:
+    """Upgrade the registry database schema (back it up first). A new database is created at head on first use."""
+    from weightlab.registry import db
+    from weightlab.registry.config import RegistrySettings
+
+    settings = RegistrySettings()
+    with fail_on_error():
+        engine = db.make_engine(settings.db_url)
+        try:
+            with engine.connect() as conn:
+                before = db.current_revision(conn)
+            after = db.upgrade(engine, revision)
+        finally:
+            engine.dispose()
+    url = engine.url.render_as_string(hide_password=True)
+    console.print(f"{url}: schema {before or 'empty'} -> {after}" if before != after
+                  else f"{url}: schema already at {after}", highlight=False)
+
+
+@registry_app.command("verify")
+def verify_cmd(
+    remove_corrupt: bool = typer.Option(False, "--remove-corrupt", help="Delete corrupt blobs (re-adding the original file restores them)."),
+    as_json: bool = _JSON,
+) -> None:
+    """Re-hash every blob; exit 1 if any is corrupt or missing."""
+    with fail_on_error():
+        report = _registry().verify(remove_corrupt=remove_corrupt)
+    if as_json:
+        _json(report.model_dump(mode="json"))
+    else:
+        for p in report.problems:
+            used = ", ".join(p.versions) or "no version"
+            err_console.print(f"[red]{p.problem}[/] blob {p.sha256}"
+                              + (f" (content hashes to {p.actual_sha256})" if p.actual_sha256 else "")
+                              + f"; used by {used}", highlight=False)
+        if report.problems:
+            err_console.print("Fix: add the original files again (`weightlab add FILE --name NS/NAME`) after "
+                              "`weightlab registry verify --remove-corrupt`, or restore the blobs from a backup.",
+                              highlight=False)
+        console.print(f"checked {report.checked} blob(s): {len(report.problems)} problem(s)", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@registry_app.command("gc")
+def gc_cmd(
+    grace: float = typer.Option(3600.0, "--grace", help="Keep anything modified in the last GRACE seconds (adds in progress)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be deleted."),
+    as_json: bool = _JSON,
+) -> None:
+    """Delete blobs that no version references, and stale temp files and checkouts."""
+    with fail_on_error():
+        report = _registry().gc(grace=grace, dry_run=dry_run)
+    if as_json:
+        _json(report.model_dump(mode="json"))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    console.print(f"{verb} {len(report.deleted)} blob(s) ({_size(report.freed_bytes)}), {report.temp_removed} temp "
+                  f"file(s), {report.checkouts_removed} checkout(s); {report.kept} referenced blob(s) kept",
+                  highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    for name, fn in (("add", add_cmd), ("import", import_cmd), ("ls", ls_cmd), ("show", show_cmd),
+                     ("alias", alias_cmd), ("tag", tag_cmd), ("lineage", lineage_cmd)):
+        app.command(name)(fn)
+    app.add_typer(db_app, name="db")
+    app.add_typer(registry_app, name="registry")
