@@ -60,10 +60,13 @@ class Composition:
     shapes: dict[str, tuple[int, ...]]  # output key -> shape
     method: str = "linear"
     method_args: dict = field(default_factory=dict)
+    family: str = "sd15"
     touching: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        order = sorted(range(len(self.inputs)), key=lambda i: (KIND_ORDER[self.inputs[i].kind], self.inputs[i].source, i))
+        # Canonical order: identical (kind, source, scale) terms contribute identical values, so ties are harmless.
+        order = sorted(range(len(self.inputs)),
+                       key=lambda i: (KIND_ORDER[self.inputs[i].kind], self.inputs[i].source, self.inputs[i].scale, i))
         self.inputs = [self.inputs[i] for i in order]
         self._combine = get_method(self.method)
         self._validate()
@@ -81,8 +84,9 @@ class Composition:
             res = t.residual
             if not isinstance(res, RESIDUAL_KINDS[t.kind]):
                 raise RecipeError(f"{t.source}: a {type(res).__name__} cannot be a {t.kind!r} term. Fix: check the term's kind.")
-            if res.family != "sd15":
-                raise FamilyMismatchError(f"{t.source}: family {res.family!r} does not match the base family 'sd15'.")
+            if res.family != self.family:
+                raise FamilyMismatchError(f"{t.source}: family {res.family!r} does not match the base family "
+                                          f"{self.family!r}. Fix: use a residual made for a {self.family} base.")
             keys = res.target_keys
             missing = [k for k in keys if k not in self.shapes]
             if missing:
@@ -133,11 +137,10 @@ class Composition:
                 res.weights = {k: v.to(device) for k, v in res.weights.items()}
 
     def term_keys(self, index: int) -> set[str]:
-        """Keys whose merged value depends on term ``index`` (in the caller's original order is not kept: canonical)."""
+        """Keys whose merged value depends on term ``index`` (an index into the canonical ``inputs``)."""
         t = self.inputs[index]
-        if t.kind == "motion":
-            keys = {k for k in self.shapes if PROJ_OUT.search(k)}
-            return keys
+        if t.kind == "motion":  # γ only changes the proj_out scaling; the other motion weights are copies
+            return {k for k in self.shapes if PROJ_OUT.search(k)}
         return set(t.residual.target_keys)
 
     def item(self, key: str, dst: torch.Tensor):
@@ -145,10 +148,9 @@ class Composition:
         from weightlab.kernels import MergeItem
 
         w0 = self.pristine[key]
-        base_scale = 1.0
         motion = self.motion
         gamma = motion.scale if (motion is not None and PROJ_OUT.search(key)) else 1.0
-        base_scale = gamma
+        base_scale = gamma  # γ scales the motion branch's output projection (and motion-LoRA terms on it)
         loras, denses, styles = [], [], []
         module = _lora_module(key)
         for i in self.touching.get(key, ()):
@@ -205,7 +207,7 @@ def _composition(base: Base, inputs: list[Input], shapes: dict[str, tuple[int, .
             raise RecipeError(f"the base already holds motion modules; remove the motion term {motion.source!r} "
                               "or use a spatial base.")
         pristine.update(motion.residual.weights)
-    return Composition(pristine, inputs, shapes, method, dict(method_args or {}))
+    return Composition(pristine, inputs, shapes, method, dict(method_args or {}), family=base.family)
 
 
 def _model_for(base: Base, motion: MotionModule | None, *, device: str | torch.device = "meta",
