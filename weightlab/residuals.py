@@ -87,13 +87,10 @@ class Residual(ABC):
 
 
 @dataclass
-class Base(Residual):
-    """Complete UNet weights (diffusers names) and the UNet config; ``pipeline_dir`` when loaded from a pipeline folder."""
+class Weights(Residual):
+    """A residual stored as named weights (diffusers names); ``tensors()`` is the dict itself."""
 
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-    pipeline_dir: Path | None = None
-    representation: ClassVar[str] = "full"
 
     def tensors(self):
         return self.weights
@@ -101,6 +98,15 @@ class Base(Residual):
     @property
     def target_keys(self):
         return set(self.weights)
+
+
+@dataclass
+class Base(Weights):
+    """Complete UNet weights and the UNet config; ``pipeline_dir`` when loaded from a pipeline folder."""
+
+    config: dict = field(default_factory=dict)
+    pipeline_dir: Path | None = None
+    representation: ClassVar[str] = "full"
 
     @property
     def has_motion(self) -> bool:
@@ -108,19 +114,11 @@ class Base(Residual):
 
 
 @dataclass
-class Dense(Residual):
-    """A full fine-tune (weights ``W``, diffusers names); merged as ``a · (W − w0)``."""
+class Dense(Weights):
+    """A full fine-tune (weights ``W``); merged as ``a · (W − w0)``."""
 
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)
     kind: str = "style"
     representation: ClassVar[str] = "full"
-
-    def tensors(self):
-        return self.weights
-
-    @property
-    def target_keys(self):
-        return set(self.weights)
 
 
 @dataclass
@@ -154,17 +152,9 @@ class LoRA(Residual):
 
 
 @dataclass
-class MotionModule(Residual):
+class MotionModule(Weights):
     """AnimateDiff-style temporal blocks (diffusers ``MotionAdapter`` names) and the adapter config."""
 
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     kind: str = "motion"
     representation: ClassVar[str] = "module"
-
-    def tensors(self):
-        return self.weights
-
-    @property
-    def target_keys(self):
-        return set(self.weights)
