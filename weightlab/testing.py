@@ -194,26 +194,6 @@ def lora_to_kohya(factors, alpha: float) -> dict:
     return sd
 
 
-def diffusers_to_animatediff(state_dict: dict, *, with_pos_encoder: bool) -> dict:
-    """Inverse of diffusers' AnimateDiff converter: original ``temporal_transformer``/``attention_blocks`` keys."""
-    import re
-
-    out = {}
-    for k, v in state_dict.items():
-        if k.endswith("pos_embed.pe"):
-            if with_pos_encoder:  # the original keeps one table per attention block
-                base = k[: -len("pos_embed.pe")]
-                for a in (0, 1):
-                    out[re.sub(r"(motion_modules\.\d+\.)", r"\1temporal_transformer.", base)
-                        + f"attention_blocks.{a}.pos_encoder.pe"] = v.clone()
-            continue
-        name = re.sub(r"(motion_modules\.\d+\.)", r"\1temporal_transformer.", k)
-        name = (name.replace(".attn1.", ".attention_blocks.0.").replace(".attn2.", ".attention_blocks.1.")
-                .replace(".norm1.", ".norms.0.").replace(".norm2.", ".norms.1.").replace(".norm3.", ".ff_norm."))
-        out[name] = v
-    return out
-
-
 def build_tiny_family(root: str | Path, seed: int = 0, *, force: bool = False) -> TinyFamily:
     """Write the whole tiny family under ``root`` (skipped if already built with the same seed).
 
@@ -235,6 +215,7 @@ def build_tiny_family(root: str | Path, seed: int = 0, *, force: bool = False) -
 
     from weightlab.files import save_tensors
     from weightlab.formats.ldm import diffusers_to_ldm
+    from weightlab.formats.motion import to_original_names
 
     fam.root.mkdir(parents=True, exist_ok=True)
 
@@ -261,8 +242,8 @@ def build_tiny_family(root: str | Path, seed: int = 0, *, force: bool = False) -
     adapter = build_motion_adapter(seed)
     adapter.save_pretrained(fam.motion_dir)
     msd = adapter.state_dict()
-    save_tensors(diffusers_to_animatediff(msd, with_pos_encoder=True), fam.motion_animatediff)
-    save_tensors(diffusers_to_animatediff(msd, with_pos_encoder=False), fam.motion_animatelcm)
+    save_tensors(to_original_names(msd, with_pos_encoder=True), fam.motion_animatediff)
+    save_tensors(to_original_names(msd, with_pos_encoder=False), fam.motion_animatelcm)
 
     mlora = make_lora(adapter, MOTION_LORA_TARGETS, rank=4, seed=seed + 400)
     save_tensors(lora_to_peft(mlora), fam.motion_lora)

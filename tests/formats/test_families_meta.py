@@ -10,7 +10,8 @@ from weightlab.families import SD15, SDXL, detect_family, infer_motion_config
 from weightlab.formats import ldm, motion
 from weightlab.formats.lora import parse_lora
 from weightlab.formats.ldm import diffusers_to_ldm as diffusers_to_ldm_unet
-from weightlab.testing import LCM_LORA_TARGETS, diffusers_to_animatediff
+from weightlab.testing import LCM_LORA_TARGETS
+from weightlab.formats.motion import to_original_names
 
 
 def _meta_state_dict(cls, config) -> dict:
@@ -41,7 +42,7 @@ def test_full_size_motion_adapter_is_sd15():
     assert detect_family({k: v.dim() for k, v in sd.items()}) is SD15
     assert infer_motion_config(SD15.motion_shapes) == SD15.motion_config
     # AnimateLCM's layout (original names, no pos_encoder) converts to exactly the adapter's parameters.
-    original = diffusers_to_animatediff(sd, with_pos_encoder=False)
+    original = to_original_names(sd, with_pos_encoder=False)
     assert motion.is_original_layout(original)
     assert set(motion.to_diffusers_names(original)) == {k for k in sd if not k.endswith("pos_embed.pe")}
 

@@ -12,7 +12,8 @@ import weightlab
 from weightlab.errors import FamilyMismatchError, FileFormatError, UnmatchedKeysError, WeightlabError
 from weightlab.families import SD15
 from weightlab.residuals import Base, Dense, LoRA, MotionModule
-from weightlab.testing import LCM_LORA_TARGETS, STYLE_TARGETS, TINY_MOTION_CONFIG, diffusers_to_animatediff
+from weightlab.testing import LCM_LORA_TARGETS, STYLE_TARGETS, TINY_MOTION_CONFIG
+from weightlab.formats.motion import to_original_names
 
 # TinyFamily field -> (class, detected kind, kind declared to load); a full checkpoint is a Dense only when declared.
 LAYOUTS = {

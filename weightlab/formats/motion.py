@@ -7,6 +7,8 @@ converted with diffusers' own ``convert_animatediff_checkpoint_to_diffusers``. A
 
 from __future__ import annotations
 
+import re
+
 ORIGINAL_MARKERS = (".temporal_transformer.", ".attention_blocks.", ".norms.", ".ff_norm.")
 
 
@@ -42,3 +44,24 @@ def positional_tables(config: dict) -> dict:
         if dim not in tables:
             tables[dim] = SinusoidalPositionalEmbedding(dim, max_seq_length=shape[1]).pe.detach().clone()
     return {k: tables[s[-1]].clone() for k, s in shapes.items()}  # one tensor per key: safetensors refuses shared memory
+
+
+def to_original_names(state_dict: dict, *, with_pos_encoder: bool) -> dict:
+    """Diffusers ``MotionAdapter`` keys -> original AnimateDiff keys (inverse of :func:`to_diffusers_names`).
+
+    ``with_pos_encoder`` writes the sinusoidal tables as AnimateDiff does; AnimateLCM ships without them.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith("pos_embed.pe"):
+            if with_pos_encoder:  # the original keeps one table per attention block
+                base = k[: -len("pos_embed.pe")]
+                for a in (0, 1):
+                    out[re.sub(r"(motion_modules\.\d+\.)", r"\1temporal_transformer.", base)
+                        + f"attention_blocks.{a}.pos_encoder.pe"] = v.clone()
+            continue
+        name = re.sub(r"(motion_modules\.\d+\.)", r"\1temporal_transformer.", k)
+        name = (name.replace(".attn1.", ".attention_blocks.0.").replace(".attn2.", ".attention_blocks.1.")
+                .replace(".norm1.", ".norms.0.").replace(".norm2.", ".norms.1.").replace(".norm3.", ".ff_norm."))
+        out[name] = v
+    return out

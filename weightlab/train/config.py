@@ -86,9 +86,9 @@ class TrainConfig(_Strict):
     checkpoints_keep: int = Field(2, ge=1)
     resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints if there is one
     validate_every: int = Field(0, ge=0)  # 0: validate only at the end
-    validation_prompts: tuple[str, ...] = ("a red circle moving right",)
+    validation_prompts: tuple[str, ...] = ("a photo of a cat",)  # () turns validation samples off
     num_workers: int = Field(0, ge=0)
-    register: RegisterConfig | None = None
+    register_as: RegisterConfig | None = None
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The config as YAML (paths as strings); written to ``path`` when given."""

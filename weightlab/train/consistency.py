@@ -40,7 +40,10 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cum
 
 
 def predicted_x0(model_output, x_t, t, alphas_cumprod, prediction_type: str = "epsilon") -> torch.Tensor:
-    """``x̂_0 = (x_t − σ_t·ε̂) / α_t`` for ε-prediction, ``α_t·x_t − σ_t·v̂`` for v-prediction (LCM §4.1, ε-parameterised consistency function)."""
+    """``x̂_0 = (x_t − σ_t·ε̂) / α_t`` for ε-prediction, ``α_t·x_t − σ_t·v̂`` for v-prediction.
+
+    The ``x̂_0`` inside LCM's ε-parameterised consistency function (LCM §4.1).
+    """
     a = alphas_cumprod.to(x_t.device)[t]
     alpha, sigma = _per_sample(a.sqrt(), x_t), _per_sample((1 - a).sqrt(), x_t)
     if prediction_type == "epsilon":
@@ -107,9 +110,10 @@ def consistency_fn(x_t: torch.Tensor, x0: torch.Tensor, c_skip: torch.Tensor, c_
 
 
 def guided(cond: torch.Tensor, uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance in the LCM form ``cond + w·(cond − uncond)`` = ``(1 + w)·cond − w·uncond`` (LCM §4.2, augmented PF-ODE).
+    """Classifier-free guidance in the LCM form ``cond + w·(cond − uncond) = (1 + w)·cond − w·uncond``.
 
-    Applied to both ``x̂_0`` and ``ε̂`` of the teacher (the augmented PF-ODE). ``w`` is per sample ``[B]``.
+    LCM §4.2: applied to both ``x̂_0`` and ``ε̂`` of the teacher (the augmented PF-ODE). It equals the usual
+    ``uncond + g·(cond − uncond)`` with ``g = w + 1``. ``w`` is per sample ``[B]``.
     """
     w = _per_sample(w, cond)
     return cond + w * (cond - uncond)
@@ -123,7 +127,10 @@ def huber(pred: torch.Tensor, target: torch.Tensor, c: float = 0.001) -> torch.T
 
 @torch.no_grad()
 def ema_update_(target, online, decay: float) -> None:
-    """``θ⁻ ← μ·θ⁻ + (1 − μ)·θ`` in place for paired tensors (Consistency Models Algorithm 2; AnimateLCM μ = 0.95)."""
+    """``θ⁻ ← μ·θ⁻ + (1 − μ)·θ`` in place for paired tensors.
+
+    The target-network update of Consistency Models (Algorithm 2); AnimateLCM's motion stage uses μ = 0.95.
+    """
     for tgt, src in zip(target, online, strict=True):
         tgt.mul_(decay).add_(src.detach().to(tgt.dtype), alpha=1 - decay)
 

@@ -51,7 +51,7 @@ def resize_center_crop(frame: np.ndarray, size: int) -> np.ndarray:
 
 def to_pixels(frames: np.ndarray) -> torch.Tensor:
     """uint8 ``[..., H, W, 3]`` -> float ``[..., 3, H, W]`` in ``[-1, 1]``."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(frames)).movedim(-1, -3).float() / 127.5 - 1.0
 
 
 def _rgb(frame: np.ndarray) -> np.ndarray:
@@ -143,7 +143,8 @@ class VideoClips(Dataset):
 
     @classmethod
     def from_csv(cls, path: str | Path, resolution: int, num_frames: int, stride: int) -> "VideoClips":
-        """CSV columns ``video`` (relative to the CSV's folder or absolute), ``caption``, optional ``start_frame``, ``end_frame``."""
+        """CSV columns ``video`` (relative to the CSV's folder, or absolute), ``caption``, optional ``start_frame``,
+        ``end_frame`` (frame indices, end exclusive)."""
         path = Path(path)
         if not path.is_file():
             raise WeightlabError(f"{path}: no such CSV. Fix: point data.path at a CSV with columns video,caption.")
