@@ -22,12 +22,15 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from sqlalchemy import Engine
 
 from weightlab.errors import RegistryError, UnmatchedKeysError, fmt_keys
 from weightlab.files import tensor_hash
@@ -69,7 +72,8 @@ class Registry:
         self.url = url or settings.db_url
         self._engine = make_engine(self.url)
         ensure_schema(self._engine)
-        self.store = store if isinstance(store, BlobStore) else open_store(store or settings.blob_store_url)
+        self.store = store if isinstance(store, BlobStore) else open_store(store or settings.blob_store_url,
+                                                                           cache_dir=settings.home / "cache")
         self._checkouts = Checkouts(settings.checkout_dir, self.store)
 
     def __repr__(self) -> str:
@@ -85,12 +89,17 @@ class Registry:
         """Release database connections."""
         self._engine.dispose()
 
+    @property
+    def engine(self) -> Engine:
+        """The database engine (the web API keeps its tokens and job queue in the same database)."""
+        return self._engine
+
     # -- adding ---------------------------------------------------------------------------------------------
 
     def add(self, source: str | os.PathLike, *, name: str | None = None, kind: Kind | None = None,
             tags: Iterable[str] = (), metadata: dict[str, Any] | None = None, sha256: str | None = None,
             revision: str | None = None, lineage: Derivation | None = None, allow_pickle: bool = False,
-            strict: bool = True, exist_ok: bool = True) -> VersionInfo:
+            strict: bool = True, exist_ok: bool = True, recorded_source: str | None = None) -> VersionInfo:
         """Register a file or folder as the next version of ``name``.
 
         Args:
@@ -110,10 +119,14 @@ class Registry:
             strict (bool, default True): refuse files with keys that map to no module of the family.
             exist_ok (bool, default True): when ``name`` already holds these tensors, return that version;
                 False raises :class:`DuplicateVersionError`.
+            recorded_source (str | None): what to record as the version's source; default the file's resolved
+                path or hub URI (the web API records the uploader's file name instead of its temp file).
         Returns:
             VersionInfo: the new (or existing) version.
         """
         with stage(source, revision=revision, allow_pickle=allow_pickle) as staged:
+            if recorded_source is not None:
+                staged = dataclasses.replace(staged, source=recorded_source)
             ref = Ref.parse_name(name or staged.default_name)
             files = [self._put(f.path, f.sha256 or (sha256 if not staged.folder else None), f.relpath)
                      for f in staged.files]
@@ -197,7 +210,8 @@ class Registry:
 
     def search(self, *, kind: str | None = None, family: str | None = None, tag: str | None = None,
                text: str | None = None, namespace: str | None = None, all_versions: bool = False,
-               limit: int | None = None) -> list[VersionInfo]:
+               limit: int | None = None, offset: int = 0,
+               namespaces: Iterable[str] | None = None) -> list[VersionInfo]:
         """Versions matching every given filter, sorted by name.
 
         Args:
@@ -206,10 +220,13 @@ class Registry:
             namespace (str | None): only this namespace.
             all_versions (bool, default False): every matching version, not just the newest per artifact.
             limit (int | None): at most this many.
+            offset (int, default 0): skip this many first (with ``limit``: one page of the results).
+            namespaces (Iterable[str] | None): only these namespaces (the web API: those the caller may read).
         """
         with transaction(self._engine) as s:
             found = crud.search(s, kind=kind, family=family, tag=tag, text=text, namespace=namespace,
-                                all_versions=all_versions, limit=limit)
+                                all_versions=all_versions, limit=limit, offset=offset,
+                                namespaces=None if namespaces is None else set(namespaces))
             return [crud.version_info(v) for v in found]
 
     def lineage(self, ref: str, *, depth: int | None = None) -> LineageNode:

@@ -35,3 +35,23 @@ class RegistrySettings(BaseSettings):
     @property
     def checkout_dir(self) -> Path:
         return self.home.expanduser() / "checkouts"
+
+
+class ServerSettings(RegistrySettings):
+    """Settings of ``weightlab serve`` and ``weightlab worker`` (env ``WEIGHTLAB_*``, e.g. ``WEIGHTLAB_MAX_UPLOAD_BYTES``).
+
+    Args:
+        max_upload_bytes (int, default 20 GB): largest request body an upload may have (larger: HTTP 413).
+        job_workers (int, default 1): job worker threads in each server process (0: run ``weightlab worker``
+            processes instead).
+        job_poll_seconds (float, default 2.0): how often an idle worker looks for queued jobs.
+        job_lease_seconds (float, default 300): a running job whose worker sent no heartbeat for this long is
+            taken over by another worker (its worker died).
+        job_max_attempts (int, default 3): runs of a job before it is failed for good.
+    """
+
+    max_upload_bytes: int = Field(default=20_000_000_000, gt=0)
+    job_workers: int = Field(default=1, ge=0)
+    job_poll_seconds: float = Field(default=2.0, gt=0)
+    job_lease_seconds: float = Field(default=300.0, gt=0)
+    job_max_attempts: int = Field(default=3, ge=1)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import difflib
 from datetime import timezone
-from typing import TypeVar
+from typing import Collection, TypeVar
 
 from sqlalchemy import String, and_, cast, func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from weightlab.errors import NotFoundError, RegistryError
 from weightlab.registry.models import (Alias, Artifact, Derivation, DerivationInput, Namespace, Version, VersionFile,
@@ -23,7 +23,7 @@ from weightlab.registry.schemas import (LATEST, Derivation as DerivationSpec, Fi
 
 M = TypeVar("M", Namespace, Artifact)
 _VERSION_LOAD = (selectinload(Version.files), selectinload(Version.tags), selectinload(Version.aliases),
-                 selectinload(Version.artifact).selectinload(Artifact.namespace))
+                 joinedload(Version.artifact).joinedload(Artifact.namespace))
 
 
 def version_ref(version: Version) -> str:
@@ -151,11 +151,12 @@ def list_versions(session: Session, *, namespace: str, name: str) -> list[Versio
 
 
 def search(session: Session, *, kind: str | None = None, family: str | None = None, tag: str | None = None,
-           text: str | None = None, namespace: str | None = None, all_versions: bool = False,
-           limit: int | None = None) -> list[Version]:
+           text: str | None = None, namespace: str | None = None, namespaces: Collection[str] | None = None,
+           all_versions: bool = False, limit: int | None = None, offset: int = 0) -> list[Version]:
     """Versions matching every given filter; by default only the newest matching version of each artifact.
 
-    ``text`` matches (case-insensitively) the namespace, the name, the source and the metadata.
+    ``text`` matches (case-insensitively) the namespace, the name, the source and the metadata; ``namespaces``
+    restricts the search to those namespaces (the web API passes the ones the caller may read).
     """
     conds = []
     if kind:
@@ -166,6 +167,8 @@ def search(session: Session, *, kind: str | None = None, family: str | None = No
         conds.append(Version.tags.any(VersionTag.name == tag))
     if namespace:
         conds.append(Namespace.name == namespace)
+    if namespaces is not None:
+        conds.append(Namespace.name.in_(sorted(namespaces)))
     if text:
         pattern = "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         conds.append(or_(*(func.lower(col).like(pattern, escape="\\") for col in
@@ -177,7 +180,7 @@ def search(session: Session, *, kind: str | None = None, family: str | None = No
                   .group_by(Version.artifact_id).subquery())
         q = q.join(newest, and_(Version.artifact_id == newest.c.artifact_id, Version.number == newest.c.number))
     q = q.order_by(Namespace.name, Artifact.name, Version.number).options(*_VERSION_LOAD)
-    return list(session.scalars(q.limit(limit) if limit else q))
+    return list(session.scalars(q.limit(limit).offset(offset) if limit else q.offset(offset)))
 
 
 def set_alias(session: Session, *, version: Version, alias: str) -> None:
@@ -317,3 +320,29 @@ def all_file_lists(session: Session) -> list[list[FileInfo]]:
     for f in session.scalars(select(VersionFile)):
         lists.setdefault(f.version_id, []).append(FileInfo(path=f.path, sha256=f.sha256, size_bytes=f.size_bytes))
     return list(lists.values())
+
+
+def blob_namespaces(session: Session, *, sha256: str) -> set[str]:
+    """The namespaces of the versions that have a file in blob ``sha256``."""
+    return set(session.scalars(select(Namespace.name).distinct()
+                               .join(Artifact, Artifact.namespace_id == Namespace.id)
+                               .join(Version, Version.artifact_id == Artifact.id)
+                               .join(VersionFile, VersionFile.version_id == Version.id)
+                               .where(VersionFile.sha256 == sha256)))
+
+
+def public_namespaces(session: Session) -> set[str]:
+    """Names of the namespaces anyone may read through the web API."""
+    return set(session.scalars(select(Namespace.name).where(Namespace.public.is_(True))))
+
+
+def list_namespaces(session: Session) -> list[Namespace]:
+    return list(session.scalars(select(Namespace).order_by(Namespace.name)))
+
+
+def set_namespace_public(session: Session, *, namespace: str, public: bool) -> Namespace:
+    """Make a namespace (created if missing) readable by anyone, or by token holders only."""
+    ns = _get_or_create(session, Namespace, name=namespace)
+    ns.public = public
+    session.flush()
+    return ns

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from weightlab.errors import FileFormatError, NotFoundError, RegistryError, UnsafeFileError
-from weightlab.files import PICKLE_SUFFIXES, is_pickle, load_tensors, read_header, save_tensors
+from weightlab.files import PICKLE_SUFFIXES, load_tensors, read_header, save_tensors, sniff
 
 HF_SCHEME = "hf://"
 _HF_URI = re.compile(r"^hf://(?P<repo>[^/@\s]+/[^/@\s]+)(?:/(?P<path>[^@\s]+?))?/?(?:@(?P<rev>[^@\s]+))?$")
@@ -148,7 +148,7 @@ def stage(source: str | os.PathLike, *, revision: str | None = None, allow_pickl
         return
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file or folder.")
-    if path.suffix != ".safetensors" and (path.suffix in PICKLE_SUFFIXES or is_pickle(path)):
+    if sniff(path) is None:  # by content: a safetensors header may begin with pickle-like bytes (a 640-byte header)
         if not allow_pickle:
             raise UnsafeFileError(
                 f"{path}: refusing to read a pickle-based checkpoint (unpickling can run arbitrary code). Fix: pass "
@@ -160,5 +160,4 @@ def stage(source: str | os.PathLike, *, revision: str | None = None, allow_pickl
                                      {"weightlab.converted_from": path.name})
             yield Staged([SourceFile(converted.name, converted)], False, recorded, default)
         return
-    _validate(path)
     yield Staged([SourceFile(path.name, path, _hub_blob_sha256(path))], False, recorded, default)

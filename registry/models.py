@@ -4,6 +4,7 @@ Namespaces hold artifacts (``ns/name``); an artifact holds numbered, immutable v
 file or a folder: its files (path, blob sha256, size) are rows of ``version_files``. Aliases and tags are the
 mutable labels. A derivation records how a version was produced (``merged_from``, ``trained_from``,
 ``exported_from``) with ordered inputs (role, scale) and, for merges, the recipe.
+The web API adds API tokens (stored as hashes, one namespace and scope each) and a queue of merge/export jobs.
 Kinds, families and representations are plain strings validated in :mod:`weightlab.registry.schemas`, so a new
 kind needs no migration.
 """
@@ -13,8 +14,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Integer, MetaData, String, Text,
-                        UniqueConstraint)
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String,
+                        Text, UniqueConstraint, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAME_LEN = 100
@@ -44,6 +45,7 @@ class Namespace(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    public: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # anonymous reads (web API)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="namespace")
@@ -163,3 +165,39 @@ class DerivationInput(Base):
     scale: Mapped[float | None] = mapped_column(Float)
 
     parent: Mapped[Version | None] = relationship()
+
+
+class ApiToken(Base):
+    """An API token of the web API: only its sha256 is stored. ``namespace`` ``*`` means every namespace."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN))
+    token_hash: Mapped[str] = mapped_column(String(HASH_LEN), unique=True)
+    namespace: Mapped[str] = mapped_column(String(NAME_LEN), index=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Job(Base):
+    """A queued merge or export; workers claim it, heartbeat while running, and record the result's reference."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    namespace: Mapped[str] = mapped_column(String(NAME_LEN), index=True)  # where the result goes
+    params: Mapped[dict[str, Any]]
+    token_id: Mapped[int | None] = mapped_column(Integer)  # who submitted it (kept if the token is deleted)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    result_ref: Mapped[str | None] = mapped_column(String(2 * NAME_LEN + 20))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

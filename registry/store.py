@@ -1,7 +1,7 @@
 """Content-addressed blob stores: bytes named by their sha256, written once, never modified.
 
-:class:`BlobStore` is the contract every backend keeps (the local one here; an S3-compatible one plugs in the
-same way). Writes are atomic (temp file + fsync + rename), deduplicated by hash, and verified against a declared
+:class:`BlobStore` is the contract every backend keeps (the local one here; the S3-compatible one in
+:mod:`weightlab.registry.s3`). Writes are atomic (temp file + fsync + rename), deduplicated by hash, and verified against a declared
 hash when one is given. A blob that already exists is *freshened* (its mtime set to now) when written again, so
 :meth:`Registry.gc`'s grace period protects blobs that an ``add`` is about to reference (git does the same).
 """
@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 import time
@@ -46,9 +47,14 @@ def check_digest(sha256: str) -> str:
 
 
 class BlobStore(ABC):
-    """Where version files live, by sha256. Implementations must make :meth:`put` atomic and idempotent."""
+    """Where version files live, by sha256. Implementations must make :meth:`put` atomic and idempotent.
+
+    ``tmp_dir`` is a local folder for work in progress (uploads being received, partial copies); whatever an
+    interrupted process leaves there, :meth:`sweep_temp` removes.
+    """
 
     url: str
+    tmp_dir: Path
 
     @abstractmethod
     def put(self, src: str | os.PathLike, *, sha256: str | None = None) -> BlobStat:
@@ -104,25 +110,38 @@ class LocalBlobStore(BlobStore):
         self.root = Path(root).expanduser().resolve()
         self.url = str(self.root)
         self._objects = self.root / "sha256"
-        self._tmp = self.root / "tmp"
+        self.tmp_dir = self._tmp = self.root / "tmp"
 
     def _path(self, sha256: str) -> Path:
         check_digest(sha256)
         return self._objects / sha256[:2] / sha256[2:]
 
     def put(self, src, *, sha256=None) -> BlobStat:
+        """See :meth:`BlobStore.put`. A file already inside ``tmp_dir`` (an upload the web API received) is
+        hard-linked instead of copied: only the registry writes there, so it cannot change under us."""
         self._tmp.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix="blob-", suffix=".part")
         try:
             h = hashlib.sha256()
             size = 0
-            with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-                while chunk := fin.read(_CHUNK):
-                    h.update(chunk)
-                    fout.write(chunk)
-                    size += len(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())
+            if self._tmp.resolve() in Path(src).resolve().parents:
+                os.close(fd)
+                os.unlink(tmp)
+                os.link(src, tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                with os.fdopen(fd, "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        h.update(chunk)
+                        size += len(chunk)
+                    os.fsync(f.fileno())
+            else:
+                with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                    while chunk := fin.read(_CHUNK):
+                        h.update(chunk)
+                        fout.write(chunk)
+                        size += len(chunk)
+                    fout.flush()
+                    os.fsync(fout.fileno())
             digest = h.hexdigest()
             if sha256 is not None and digest != sha256:
                 raise HashMismatchError(
@@ -140,6 +159,20 @@ class LocalBlobStore(BlobStore):
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def adopt(self, path: str | os.PathLike, sha256: str) -> BlobStat:
+        """Move a file the caller has already hashed into the store (a rename, no copy: keep ``path`` on the same
+        filesystem, e.g. in ``tmp_dir``). The caller vouches for ``sha256``; ``put`` checks it instead."""
+        dest = self._path(sha256)
+        size = os.stat(path).st_size
+        if dest.exists():
+            os.unlink(path)
+            os.utime(dest)
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            os.replace(path, dest)
+        return BlobStat(sha256, size, time.time())
 
     def stat(self, sha256):
         try:
@@ -176,15 +209,27 @@ class LocalBlobStore(BlobStore):
                     yield BlobStat(digest, st.st_size, st.st_mtime)
 
     def sweep_temp(self, *, older_than):
-        if not self._tmp.is_dir():
-            return 0
-        cutoff = time.time() - older_than
-        removed = 0
-        for f in self._tmp.iterdir():
-            if f.stat().st_mtime < cutoff:
+        return sweep_folder(self._tmp, older_than=older_than)
+
+
+def sweep_folder(folder: Path, *, older_than: float) -> int:
+    """Remove the files and folders directly in ``folder`` not modified for ``older_than`` seconds; returns how many."""
+    if not folder.is_dir():
+        return 0
+    cutoff = time.time() - older_than
+    removed = 0
+    for f in folder.iterdir():
+        try:
+            if f.lstat().st_mtime >= cutoff:
+                continue
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
                 f.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        except FileNotFoundError:  # removed by a concurrent sweep
+            continue
+        removed += 1
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -195,15 +240,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_store(url: str) -> BlobStore:
-    """The blob store at ``url``: a local folder (a path or ``file://``). S3-compatible stores come next.
+def open_store(url: str, *, cache_dir: str | os.PathLike | None = None) -> BlobStore:
+    """The blob store at ``url``: a local folder (a path or ``file://``), or ``s3://BUCKET[/PREFIX]``.
 
+    Args:
+        url (str): where the blobs live. S3 credentials, region and endpoint come from the usual AWS settings
+            (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL_S3`` for an S3-compatible server, ...).
+        cache_dir (str | PathLike | None): local folder of a remote store (blobs opened as files, temp files);
+            default ``~/.weightlab/cache``.
     Raises:
         RegistryError: the URL's scheme is not supported.
     """
+    if url.startswith("s3://"):
+        from weightlab.registry.s3 import S3BlobStore
+
+        return S3BlobStore(url, cache_dir=cache_dir or Path.home() / ".weightlab" / "cache")
     if "://" in url and not url.startswith("file://"):
         scheme = url.split("://", 1)[0]
         raise RegistryError(f"blob store URL {url!r}: scheme {scheme!r} is not supported (supported: a local path, "
-                            "file://). Fix: set WEIGHTLAB_BLOB_STORE to a local folder.")
+                            "file://, s3://BUCKET/PREFIX). Fix: set WEIGHTLAB_BLOB_STORE to one of those.")
     return LocalBlobStore(url.removeprefix("file://"))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from weightlab.files import file_sha256, read_header, tensor_hash
+from weightlab.files import file_sha256, sniff, tensor_hash
 from weightlab.loading import PICKLE_WEIGHT_FILES, WEIGHT_FILES, load
 from weightlab.residuals import LoRA
 
@@ -54,7 +54,8 @@ def inspect_path(path: str | Path, *, allow_pickle: bool = False) -> Inspection:
     res = load(path, allow_pickle=allow_pickle, strict=False)
     wfile = weights_file(path)
     tensors = res.tensors()
-    is_st = wfile.suffix == ".safetensors"
+    header = sniff(wfile)  # None for a pickle
+    is_st = header is not None
     return Inspection(
         path=str(path), format="diffusers" if path.is_dir() else ("safetensors" if is_st else "pickle"),
         family=res.family, kind_guess=res.kind, representation=res.representation,
@@ -62,6 +63,6 @@ def inspect_path(path: str | Path, *, allow_pickle: bool = False) -> Inspection:
         n_targets=len(res.targets) if isinstance(res, LoRA) else len(tensors),
         dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         n_params=sum(t.numel() for t in tensors.values()), size_bytes=wfile.stat().st_size,
-        file_sha256=file_sha256(wfile), tensor_hash=tensor_hash(wfile, read_header(wfile)) if is_st else None,
+        file_sha256=file_sha256(wfile), tensor_hash=tensor_hash(wfile, header) if is_st else None,
         weights_file=str(wfile), config=getattr(res, "config", None) or None, skipped=res.skipped,
     )

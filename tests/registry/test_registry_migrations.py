@@ -10,7 +10,7 @@ from weightlab.registry import Registry, db
 from weightlab.registry.models import Base
 
 TABLES = {"namespaces", "artifacts", "versions", "version_files", "version_tags", "aliases", "derivations",
-          "derivation_inputs"}
+          "derivation_inputs", "api_tokens", "jobs"}
 
 
 def _diff(engine) -> list:
@@ -83,4 +83,4 @@ def test_migrations_folder_is_found_through_the_package():
     import weightlab.registry.migrations as migrations
 
     assert alembic.command.__file__ != migrations.__file__
-    assert db.head_revision() == "0001"
+    assert db.head_revision() == "0002"

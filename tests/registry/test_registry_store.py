@@ -51,7 +51,7 @@ def test_store_errors(tmp_path):
     with pytest.raises(RegistryError, match="not a sha256"):
         store.stat("../../etc/passwd")
     with pytest.raises(RegistryError, match="WEIGHTLAB_BLOB_STORE"):
-        open_store("s3://bucket/prefix")
+        open_store("gs://bucket/prefix")
 
 
 def test_verify_finds_corrupt_and_missing_blobs(sqlite_reg, tiny):

@@ -18,14 +18,15 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _register() -> None:
-    from weightlab.cli import inspect as _inspect
-    from weightlab.cli import merge as _merge
+COMMAND_MODULES = ("inspect", "merge", "registry", "train", "serve", "generate", "export")
 
-    _inspect.register(app)
-    _merge.register(app)
-    __import__("weightlab.cli.registry", fromlist=["register"]).register(app)
-    __import__("weightlab.cli.train", fromlist=["register"]).register(app)
+
+def _register() -> None:
+    """Each command module exposes ``register(app)``; modules import their heavy dependencies lazily."""
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"weightlab.cli.{name}").register(app)
 
 
 _register()

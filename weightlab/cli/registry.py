@@ -2,13 +2,15 @@
 ``registry verify`` and ``registry gc``.
 
 They use the registry that ``$WEIGHTLAB_HOME`` (default ``~/.weightlab``), ``$WEIGHTLAB_DB_URL`` and
-``$WEIGHTLAB_BLOB_STORE`` point at.
+``$WEIGHTLAB_BLOB_STORE`` point at, or, with ``--remote URL`` (or ``$WEIGHTLAB_REMOTE``), a registry server
+(``weightlab serve``) through :class:`weightlab.Client`, with the token in ``$WEIGHTLAB_TOKEN``.
 
 Example:
     weightlab add style.safetensors --name me/style --tag anime
     weightlab alias me/style@1 prod
     weightlab import hf://wangfuyun/AnimateLCM/AnimateLCM_sd15_t2v_lora.safetensors
     weightlab ls --kind style --json
+    weightlab ls --remote http://registry:8000
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from weightlab.cli.common import console, err_console, fail_on_error
 _ENV_HELP = "Registry location: $WEIGHTLAB_HOME (default ~/.weightlab), $WEIGHTLAB_DB_URL, $WEIGHTLAB_BLOB_STORE."
 
 
-def _registry():
+def _registry(remote: Optional[str] = None):
+    """The registry the commands use: a server's (``--remote``/``$WEIGHTLAB_REMOTE``) or the local one."""
+    if remote:
+        from weightlab.client import Client
+
+        return Client(remote)
     from weightlab.registry.api import Registry
 
     return Registry()
@@ -70,11 +77,11 @@ def _summary(v) -> str:
 
 def _add(source: str, name: Optional[str], kind: Optional[str], tags: list[str], meta: list[str],
          metadata_json: Optional[str], sha256: Optional[str], revision: Optional[str], allow_pickle: bool,
-         lenient: bool, as_json: bool) -> None:
+         lenient: bool, as_json: bool, remote: Optional[str]) -> None:
     from weightlab.registry.api import DuplicateVersionError
 
     with fail_on_error():
-        reg = _registry()
+        reg = _registry(remote)
         try:
             v = reg.add(source, name=name, kind=kind, tags=tags, metadata=_parse_meta(meta, metadata_json),
                         sha256=sha256, revision=revision, allow_pickle=allow_pickle, strict=not lenient,
@@ -96,6 +103,8 @@ _SHA = typer.Option(None, "--sha256", help="Expected sha256 of the file; a misma
 _PICKLE = typer.Option(False, "--allow-pickle", help="Convert a .ckpt/.pt/.bin (weights only, child process). Only for files you trust.")
 _LENIENT = typer.Option(False, "--lenient", help="Register files with keys that match no module (they are ignored when loaded).")
 _JSON = typer.Option(False, "--json", help="Print JSON.")
+_REMOTE = typer.Option(None, "--remote", envvar="WEIGHTLAB_REMOTE",
+                       help="Use the registry server at this URL (token: $WEIGHTLAB_TOKEN) instead of the local registry.")
 
 
 def add_cmd(
@@ -103,10 +112,10 @@ def add_cmd(
     name: str = typer.Option(..., "--name", "-n", help="ns/name of the artifact, e.g. me/anime-style."),
     kind: Optional[str] = _KIND, tags: list[str] = _TAG, meta: list[str] = _META,
     metadata_json: Optional[str] = _META_JSON, sha256: Optional[str] = _SHA, allow_pickle: bool = _PICKLE,
-    lenient: bool = _LENIENT, as_json: bool = _JSON,
+    lenient: bool = _LENIENT, as_json: bool = _JSON, remote: Optional[str] = _REMOTE,
 ) -> None:
     """Register a file or folder as the next version of NAME (a name's existing tensors are not added twice)."""
-    _add(source, name, kind, tags, meta, metadata_json, sha256, None, allow_pickle, lenient, as_json)
+    _add(source, name, kind, tags, meta, metadata_json, sha256, None, allow_pickle, lenient, as_json, remote)
 
 
 def import_cmd(
@@ -115,10 +124,10 @@ def import_cmd(
     revision: Optional[str] = typer.Option(None, "--revision", "-r", help="Hub branch, tag or commit."),
     kind: Optional[str] = _KIND, tags: list[str] = _TAG, meta: list[str] = _META,
     metadata_json: Optional[str] = _META_JSON, sha256: Optional[str] = _SHA, allow_pickle: bool = _PICKLE,
-    lenient: bool = _LENIENT, as_json: bool = _JSON,
+    lenient: bool = _LENIENT, as_json: bool = _JSON, remote: Optional[str] = _REMOTE,
 ) -> None:
     """Import from the Hugging Face Hub (through its cache; HF_HUB_OFFLINE=1 uses the cache only) or a local path."""
-    _add(source, name, kind, tags, meta, metadata_json, sha256, revision, allow_pickle, lenient, as_json)
+    _add(source, name, kind, tags, meta, metadata_json, sha256, revision, allow_pickle, lenient, as_json, remote)
 
 
 def ls_cmd(
@@ -128,13 +137,13 @@ def ls_cmd(
     text: Optional[str] = typer.Option(None, "--text", "-q", help="Substring of name, source or metadata."),
     namespace: Optional[str] = typer.Option(None, "--namespace", help="Only this namespace."),
     all_versions: bool = typer.Option(False, "--all", "-a", help="Every version, not just the newest of each name."),
-    as_json: bool = _JSON,
+    as_json: bool = _JSON, remote: Optional[str] = _REMOTE,
 ) -> None:
     """List registered versions (the newest matching version of each name)."""
     from rich.table import Table
 
     with fail_on_error():
-        found = _registry().search(kind=kind, family=family, tag=tag, text=text, namespace=namespace,
+        found = _registry(remote).search(kind=kind, family=family, tag=tag, text=text, namespace=namespace,
                                    all_versions=all_versions)
     if as_json:
         _json([v.model_dump(mode="json") for v in found])
@@ -152,10 +161,11 @@ def ls_cmd(
     console.print(table)
 
 
-def show_cmd(ref: str = typer.Argument(..., help="ns/name[@version|:alias]."), as_json: bool = _JSON) -> None:
+def show_cmd(ref: str = typer.Argument(..., help="ns/name[@version|:alias]."), as_json: bool = _JSON,
+             remote: Optional[str] = _REMOTE) -> None:
     """Show one version: hashes, detection results, files, tags, aliases, source and lineage."""
     with fail_on_error():
-        reg = _registry()
+        reg = _registry(remote)
         v = reg.get(ref)
         node = reg.lineage(v.ref, depth=1)
     if as_json:
@@ -182,10 +192,11 @@ def alias_cmd(
     ref: str = typer.Argument(..., help="The version: ns/name@N (or any ref); with --delete, ns/name:alias."),
     alias: Optional[str] = typer.Argument(None, help="Alias to set or move, e.g. prod."),
     delete: bool = typer.Option(False, "--delete", help="Delete the alias REF names (ns/name:alias)."),
+    remote: Optional[str] = _REMOTE,
 ) -> None:
     """Point an alias at a version (moving it if it exists), or delete an alias. Versions never change."""
     with fail_on_error():
-        reg = _registry()
+        reg = _registry(remote)
         if delete:
             reg.unalias(ref)
             console.print(f"deleted alias {ref}", highlight=False)
@@ -200,10 +211,11 @@ def tag_cmd(
     ref: str = typer.Argument(..., help="ns/name[@version|:alias]."),
     tags: list[str] = typer.Argument(None, help="Tags to add."),
     remove: list[str] = typer.Option([], "--remove", "-r", help="Tag to remove (repeatable)."),
+    remote: Optional[str] = _REMOTE,
 ) -> None:
     """Add or remove tags of a version."""
     with fail_on_error():
-        v = _registry().tag(ref, tags or [], remove=remove)
+        v = _registry(remote).tag(ref, tags or [], remove=remove)
     console.print(f"{v.ref}: {', '.join(v.tags) or 'no tags'}", highlight=False)
 
 
@@ -238,11 +250,11 @@ def lineage_tree(node) -> "Tree":  # noqa: F821
 def lineage_cmd(
     ref: str = typer.Argument(..., help="ns/name[@version|:alias]."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Levels to show (default: all)."),
-    as_json: bool = _JSON,
+    as_json: bool = _JSON, remote: Optional[str] = _REMOTE,
 ) -> None:
     """Show what a version was derived from, as a tree (merges: the base and every term with its scale)."""
     with fail_on_error():
-        node = _registry().lineage(ref, depth=depth)
+        node = _registry(remote).lineage(ref, depth=depth)
     if as_json:
         _json(node.model_dump(mode="json"))
         return
@@ -276,11 +288,11 @@ def db_upgrade_cmd(revision: str = typer.Option("head", "--revision", help="Targ
 @registry_app.command("verify")
 def verify_cmd(
     remove_corrupt: bool = typer.Option(False, "--remove-corrupt", help="Delete corrupt blobs (re-adding the original file restores them)."),
-    as_json: bool = _JSON,
+    as_json: bool = _JSON, remote: Optional[str] = _REMOTE,
 ) -> None:
     """Re-hash every blob; exit 1 if any is corrupt or missing."""
     with fail_on_error():
-        report = _registry().verify(remove_corrupt=remove_corrupt)
+        report = _registry(remote).verify(remove_corrupt=remove_corrupt)
     if as_json:
         _json(report.model_dump(mode="json"))
     else:
@@ -302,11 +314,11 @@ def verify_cmd(
 def gc_cmd(
     grace: float = typer.Option(3600.0, "--grace", help="Keep anything modified in the last GRACE seconds (adds in progress)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be deleted."),
-    as_json: bool = _JSON,
+    as_json: bool = _JSON, remote: Optional[str] = _REMOTE,
 ) -> None:
     """Delete blobs that no version references, and stale temp files and checkouts."""
     with fail_on_error():
-        report = _registry().gc(grace=grace, dry_run=dry_run)
+        report = _registry(remote).gc(grace=grace, dry_run=dry_run)
     if as_json:
         _json(report.model_dump(mode="json"))
         return

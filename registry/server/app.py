@@ -1,0 +1,106 @@
+"""The FastAPI application: routes under ``/api/v1``, OpenAPI at ``/openapi.json``, docs at ``/docs``.
+
+Stateless over the registry (database + blob store), so several processes or machines can serve one
+PostgreSQL + S3 registry. Each process also runs ``job_workers`` job worker threads on the shared queue.
+Every :class:`~weightlab.errors.WeightlabError` becomes a 4xx JSON body ``{"detail": ..., "error": ...}``.
+
+Example:
+    >>> app = create_app(ServerSettings(database_url="sqlite:////tmp/r.db"))   # doctest: +SKIP
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+import weightlab
+from weightlab.errors import (FamilyMismatchError, FileFormatError, NonFiniteError, NotFoundError, RecipeError,
+                              ShapeMismatchError, UnmatchedKeysError, UnsafeFileError, WeightlabError)
+from weightlab.registry.api import DuplicateVersionError, Registry
+from weightlab.registry.auth import AuthenticationError, PermissionDeniedError
+from weightlab.registry.config import ServerSettings
+from weightlab.registry.jobs import JobSpecError, Worker
+from weightlab.registry.server.routes import ROUTERS
+from weightlab.registry.server.schemas import ErrorBody, Health
+from weightlab.registry.server.transfer import UnsupportedMediaTypeError, UploadTooLargeError
+from weightlab.registry.store import HashMismatchError
+
+API_PREFIX = "/api/v1"
+THREADS = 128  # request handlers run in threads (database and file work); downloads hold one while they stream
+
+# The first match (in order) decides the status.
+STATUS: list[tuple[type[WeightlabError], int]] = [
+    (AuthenticationError, 401), (PermissionDeniedError, 403), (NotFoundError, 404), (DuplicateVersionError, 409),
+    (UploadTooLargeError, 413), (UnsafeFileError, 415), (UnsupportedMediaTypeError, 415), (HashMismatchError, 400),
+    (FileFormatError, 422), (UnmatchedKeysError, 422), (FamilyMismatchError, 422), (ShapeMismatchError, 422),
+    (NonFiniteError, 422), (RecipeError, 422), (JobSpecError, 422), (WeightlabError, 400),
+]
+_ERRORS = {code: {"model": ErrorBody} for code in sorted({c for _, c in STATUS})}
+
+
+def status_of(error: WeightlabError) -> int:
+    return next(code for cls, code in STATUS if isinstance(error, cls))
+
+
+async def _weightlab_error(request: Request, error: WeightlabError) -> JSONResponse:
+    status = status_of(error)
+    body = ErrorBody(detail=str(error), error=type(error).__name__,
+                     version=error.version if isinstance(error, DuplicateVersionError) else None)
+    headers = {"www-authenticate": "Bearer"} if status == 401 else None
+    content = body.model_dump(mode="json", exclude={"version"} if body.version is None else None)
+    return JSONResponse(content, status_code=status, headers=headers)
+
+
+def create_app(settings: ServerSettings | None = None, *, registry: Registry | None = None) -> FastAPI:
+    """The web API over a registry.
+
+    Args:
+        settings (ServerSettings | None): default from the environment (``WEIGHTLAB_*``).
+        registry (Registry | None): serve this registry (the caller closes it); default one opened from
+            ``settings`` when the app starts and closed when it stops.
+    """
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        reg = registry or Registry(settings.db_url, home=settings.home, store=settings.blob_store_url)
+        app.state.registry, app.state.settings = reg, settings
+        app.state.wake_workers = wake = threading.Event()
+        stop = threading.Event()
+        workers = [threading.Thread(target=Worker(reg, poll_seconds=settings.job_poll_seconds,
+                                                  lease_seconds=settings.job_lease_seconds,
+                                                  max_attempts=settings.job_max_attempts, wake=wake).run,
+                                    args=(stop,), name=f"weightlab-job-worker-{i}", daemon=True)
+                   for i in range(settings.job_workers)]
+        for w in workers:
+            w.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            wake.set()
+            for w in workers:
+                w.join(timeout=5)  # a job still running is taken over by another worker after its lease
+            if registry is None:
+                reg.close()
+
+    app = FastAPI(title="weightlab registry", version=weightlab.__version__, lifespan=lifespan, responses=_ERRORS,
+                  description="Bases and residuals as immutable, content-addressed versions with lineage. "
+                              "Send `Authorization: Bearer <token>`; without one only public namespaces can be read.")
+    app.add_exception_handler(WeightlabError, _weightlab_error)
+    api = APIRouter(prefix=API_PREFIX)
+
+    @api.get("/health", response_model=Health, tags=["health"], summary="Liveness")
+    def health() -> Health:
+        return Health(version=weightlab.__version__)
+
+    for router in ROUTERS:
+        api.include_router(router)
+    app.include_router(api)
+    return app

@@ -1,0 +1,169 @@
+"""Versions: search, list, get, and create by uploading a file (streamed, hashed while it arrives)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import ClientDisconnect
+
+from weightlab.errors import NotFoundError, RegistryError, WeightlabError
+from weightlab.registry.api import DuplicateVersionError
+from weightlab.registry.schemas import Derivation, Kind, VersionInfo, check_label
+from weightlab.registry.server import transfer
+from weightlab.registry.server.deps import (FILENAME_PATTERN, NAME_PATTERN, SHA256_PATTERN, AccessDep, NamePath, ReadNamespace,
+                                            RegistryDep, SettingsDep, VersionPath, WriteNamespace, version_ref)
+from weightlab.registry.store import HashMismatchError
+
+router = APIRouter(tags=["versions"])
+
+MAX_PAGE = 1000
+_VERSIONS = TypeAdapter(list[VersionInfo])
+
+
+def _json(versions: list[VersionInfo]) -> Response:
+    """Serialise once (a returned list would be validated against the response model again, which costs as much)."""
+    return Response(_VERSIONS.dump_json(versions), media_type="application/json")
+
+
+@router.get("/versions", response_model=list[VersionInfo], summary="Search versions")
+def search_versions(
+    registry: RegistryDep, access: AccessDep,
+    kind: Kind | None = None,
+    family: Annotated[str | None, Query(max_length=32)] = None,
+    tag: Annotated[str | None, Query(max_length=100)] = None,
+    text: Annotated[str | None, Query(max_length=200, description="substring of name, source or metadata")] = None,
+    namespace: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    all_versions: Annotated[bool, Query(description="every version, not only the newest of each artifact")] = False,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+) -> Response:
+    """Versions matching every filter, sorted by name, among the namespaces the caller may read; one page."""
+    if namespace is not None:
+        access.require(namespace, "read")
+    return _json(registry.search(kind=kind, family=family, tag=tag, text=text, namespace=namespace,
+                                 namespaces=access.readable(), all_versions=all_versions, limit=limit, offset=offset))
+
+
+@router.get("/artifacts/{namespace}/{name}/versions", response_model=list[VersionInfo], summary="List versions")
+def list_versions(namespace: ReadNamespace, name: NamePath, registry: RegistryDep) -> Response:
+    """Every version of the artifact, oldest first."""
+    return _json(registry.versions(f"{namespace}/{name}"))
+
+
+@router.get("/artifacts/{namespace}/{name}/versions/{version}", response_model=VersionInfo, summary="Get a version")
+def get_version(namespace: ReadNamespace, name: NamePath, version: VersionPath, registry: RegistryDep) -> VersionInfo:
+    return registry.get(version_ref(namespace, name, version))
+
+
+def _metadata(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise RegistryError(f"metadata is not valid JSON ({e}). Fix: send a JSON object, e.g. {{\"author\": \"me\"}}.") from None
+    if not isinstance(doc, dict):
+        raise RegistryError("metadata must be a JSON object, e.g. {\"author\": \"me\"}.")
+    return doc
+
+
+def _derivation(text: str | None, access) -> Derivation | None:
+    if text is None:
+        return None
+    try:
+        derivation = Derivation.model_validate_json(text)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'lineage'}: {err['msg']}" for err in e.errors())
+        raise RegistryError(f"lineage is not a valid Derivation ({problems}). Fix: send "
+                            "Derivation(...).model_dump_json().") from None
+    for inp in derivation.inputs:
+        if inp.ref is not None:
+            access.require_ref(inp.ref, "read")
+    return derivation
+
+
+def _holding(registry, name: str, sha256: str) -> VersionInfo | None:
+    """The version of ``name`` whose file has this sha256, if any."""
+    try:
+        found = registry.get(f"{name}@{sha256}")
+    except NotFoundError:
+        return None
+    return found if found.sha256 == sha256 else None
+
+
+def _check_before_storing(path, *, kind: str | None, strict: bool) -> None:
+    """Run the checks ``Registry.add`` runs after storing (family, kind, unmatched keys), so a refused upload leaves
+    no blob behind. Loading memory-maps the file: nothing is hashed or copied."""
+    from weightlab.loading import load
+
+    load(path, kind=kind, strict=strict)
+
+
+_UPLOAD_BODY = {"requestBody": {"required": True, "description": "the file's bytes (safetensors)",
+                                "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                    "format": "binary"}}}}}
+
+
+@router.post("/artifacts/{namespace}/{name}/versions", response_model=VersionInfo, status_code=201,
+             summary="Upload a version", openapi_extra=_UPLOAD_BODY,
+             responses={200: {"model": VersionInfo, "description": "the artifact already holds these tensors"}})
+async def upload_version(
+    request: Request, response: Response, namespace: WriteNamespace, name: NamePath, registry: RegistryDep,
+    settings: SettingsDep, access: AccessDep,
+    sha256: Annotated[str, Query(pattern=SHA256_PATTERN, description="sha256 of the body; a mismatch stores nothing")],
+    filename: Annotated[str, Query(pattern=FILENAME_PATTERN, description="the file's name in the version (the server "
+                                                                        "stores safetensors files)")] = "model.safetensors",
+    kind: Kind | None = None,
+    tag: Annotated[list[str], Query(max_length=100)] = [],
+    metadata: Annotated[str | None, Query(max_length=65536, description="a JSON object")] = None,
+    source: Annotated[str | None, Query(max_length=2048, description="where the file came from (recorded)")] = None,
+    lineage: Annotated[str | None, Query(max_length=8192, description="how it was produced: a Derivation as JSON, "
+                                                                       "recorded with the version")] = None,
+    strict: Annotated[bool, Query(description="refuse keys that map to no module of the family")] = True,
+    exist_ok: Annotated[bool, Query(description="when the artifact already holds these tensors, return that "
+                                                "version (200) instead of 409")] = True,
+) -> VersionInfo:
+    """Stream the body to the server, check its sha256 against ``sha256``, validate it like a local ``add``
+    (safetensors header rules, family and kind detection), then register it as the next version.
+
+    Refused uploads (4xx) change neither the store nor the database.
+    """
+    content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
+    if content_type != "application/octet-stream":
+        raise transfer.UnsupportedMediaTypeError(f"upload bodies are the file's raw bytes, sent as "
+                                             f"application/octet-stream, not {content_type}. Fix: set that Content-Type.")
+    tags = [check_label(t, "tag") for t in tag]
+    meta = _metadata(metadata)
+    derivation = _derivation(lineage, access)
+    with transfer.spool_dir(registry.store) as spool:
+        path = spool / filename
+        try:
+            digest, _ = await transfer.receive(request, path, max_bytes=settings.max_upload_bytes)
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is listening; the spool folder is removed
+        if digest != sha256:
+            raise HashMismatchError(f"the uploaded bytes hash to {digest}, but sha256={sha256} was declared; nothing "
+                                    "was stored. Fix: upload again (the transfer was corrupted), or declare the "
+                                    "file's real sha256.")
+        try:
+            existing = None if derivation else await run_in_threadpool(_holding, registry, f"{namespace}/{name}", digest)
+            if existing is not None:  # the same file again (a retry, or many clients): the same outcome, cheaper
+                raise DuplicateVersionError(f"{existing.ref} already holds these tensors (tensor hash "
+                                            f"{existing.tensor_hash[:12]}); nothing added. Fix: to register it "
+                                            "again, use another name.", existing)
+            await run_in_threadpool(_check_before_storing, path, kind=kind, strict=strict)
+            return await run_in_threadpool(
+                registry.add, path, name=f"{namespace}/{name}", kind=kind, tags=tags, metadata=meta, sha256=digest,
+                strict=strict, lineage=derivation, exist_ok=False, recorded_source=source or f"upload:{filename}")
+        except DuplicateVersionError as e:
+            if not exist_ok:
+                raise
+            response.status_code = 200
+            return e.version
+        except WeightlabError as e:  # name the uploaded file, not the server's temp file
+            e.args = (str(e).replace(str(path), filename),)
+            raise

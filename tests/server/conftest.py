@@ -1,0 +1,175 @@
+"""Web API fixtures: a real uvicorn server on a free 127.0.0.1 port, over SQLite or PostgreSQL, with tokens.
+
+``serve()`` starts the app in a thread of the test process (torch and the tiny family are already imported, so
+it starts at once); the crash test starts ``weightlab serve`` as a subprocess instead, to kill it.
+PostgreSQL: as in tests/registry, ``$WEIGHTLAB_TEST_PG_URL`` names a server; each test gets a fresh schema.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+
+import pytest
+
+PG_ENV = "WEIGHTLAB_TEST_PG_URL"
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """Every test gets its own registry home; no environment leaks in from the developer's shell."""
+    monkeypatch.setenv("WEIGHTLAB_HOME", str(tmp_path / "home"))
+    for var in ("WEIGHTLAB_DB_URL", "WEIGHTLAB_BLOB_STORE", "WEIGHTLAB_TOKEN", "WEIGHTLAB_REMOTE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # boto3 must never look for credentials off loopback
+    return tmp_path / "home"
+
+
+def _skip_pg(reason: str):
+    message = f"PostgreSQL server tests SKIPPED: {reason}. Fix: run `source .ci/postgres.sh && start_postgres` " \
+              f"(exports {PG_ENV}), or set {PG_ENV} to a server's SQLAlchemy URL."
+    warnings.warn(message, pytest.PytestWarning, stacklevel=2)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A database created for this test session (each xdist worker) on ``$WEIGHTLAB_TEST_PG_URL``'s server."""
+    from sqlalchemy import create_engine, make_url, text
+    from sqlalchemy.exc import OperationalError
+
+    server = os.environ.get(PG_ENV)
+    if not server:
+        _skip_pg(f"{PG_ENV} is not set")
+    admin = create_engine(server, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    name = f"weightlab_server_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as e:
+        admin.dispose()
+        _skip_pg(f"no PostgreSQL server answers at {make_url(server).render_as_string(hide_password=True)} "
+                 f"({str(e).splitlines()[0]})")
+    yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_database):
+    """A URL whose connections use a fresh, empty schema of the session's database."""
+    from sqlalchemy import create_engine, text
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_database, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{pg_database}?options=-csearch_path%3D{schema}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """The registry database URL, once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'registry.db'}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port()`` -> a TCP port nothing listens on at 127.0.0.1 now."""
+    return _free_port
+
+
+@dataclass
+class Live:
+    """A running server: its URL, the registry it serves (for direct checks), and token helpers."""
+
+    url: str
+    registry: object
+    admin: str = ""
+    _thread: threading.Thread | None = None
+    _server: object = None
+
+    def token(self, namespace: str, scope: str, *, expires_in_days: float | None = None) -> str:
+        """A new token, created directly in the database (as `weightlab token create` does)."""
+        from weightlab.registry import auth
+        from weightlab.registry.db import transaction
+
+        with transaction(self.registry.engine, write=True) as s:
+            spec = auth.TokenCreate(name="test", namespace=namespace, scope=scope, expires_in_days=expires_in_days)
+            return auth.create_token(s, spec=spec).token
+
+    def client(self, token: str | None = None, **kwargs):
+        from weightlab.client import Client
+
+        return Client(self.url, token=token, progress=False, **kwargs)
+
+    def http(self, token: str | None = None):
+        import httpx
+
+        return httpx.Client(base_url=f"{self.url}/api/v1", timeout=30,
+                            headers={"authorization": f"Bearer {token}"} if token else {})
+
+    def snapshot(self) -> tuple:
+        """Everything a refused request must leave unchanged: versions, blobs, and temp files."""
+        reg = self.registry
+        tmp = sorted(p.name for p in reg.store.tmp_dir.iterdir()) if reg.store.tmp_dir.is_dir() else []
+        return ([v.model_dump() for v in reg.search(all_versions=True)], sorted(b.sha256 for b in reg.store.list()), tmp)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=20)
+
+
+@pytest.fixture
+def serve(home, tmp_path):
+    """``serve(db_url, store=None, **settings)`` -> a :class:`Live` server (stopped after the test)."""
+    import uvicorn
+
+    from weightlab.registry.api import Registry
+    from weightlab.registry.config import ServerSettings
+    from weightlab.registry.server.app import create_app
+
+    started: list[Live] = []
+
+    def start(db_url: str, *, store: str | None = None, **settings) -> Live:
+        reg = Registry(db_url, home=home, store=store)
+        app = create_app(ServerSettings(home=home, **{"job_poll_seconds": 0.1, **settings}), registry=reg)
+        port = _free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        live = Live(f"http://127.0.0.1:{port}", reg, _thread=thread, _server=server)
+        live.admin = live.token("*", "admin")
+        started.append(live)
+        return live
+
+    yield start
+    for live in started:
+        live.stop()
+        live.registry.close()
