@@ -31,6 +31,7 @@ class Demo:
 
     home: Path
     recipe: "Recipe | None" = None  # noqa: F821
+    onnx_dir: Path | None = None
     tiny: "TinyFamily | None" = None  # noqa: F821
     inspections: dict = field(default_factory=dict)  # name -> weightlab.inspect.Inspection
     refs: dict = field(default_factory=dict)  # tiny-family file name -> registry reference
@@ -100,12 +101,73 @@ def show_lineage(demo: Demo) -> None:
         console.print(lineage_tree(reg.lineage("tiny/video-lcm")))
 
 
+PROMPT = "the cat and a dog on the street"
+
+
+def _write(clip, name: str, demo: Demo) -> str:
+    from weightlab.video import write_video
+
+    mp4 = write_video(clip.frames, demo.home / "demo" / f"{name}.mp4")
+    write_video(clip.frames, demo.home / "demo" / f"{name}.gif")
+    return str(mp4)
+
+
+def sample_pytorch(demo: Demo) -> None:
+    """16 frames, 4 LCM steps, no CFG, from the merged folder with the PyTorch pipeline."""
+    from weightlab.video import VideoPipeline
+
+    clip = VideoPipeline.from_source(demo.merged)(PROMPT, frames=16, steps=4, guidance=1.0, seed=0, progress=False)
+    demo.results["torch"] = (clip, _write(clip, "clip_torch", demo))
+    console.print(f"{clip.frames.shape[0]} frames {clip.frames.shape[1:3]}, denoise {clip.seconds['denoise']:.2f} s -> {demo.results['torch'][1]} (+ .gif)")
+
+
+def export_onnx(demo: Demo) -> None:
+    """UNetMotionModel, text encoder and VAE decoder to ONNX, each verified against PyTorch."""
+    from weightlab.onnx_export import export_onnx as export
+
+    demo.onnx_dir = demo.home / "demo" / "onnx"
+    t = time.perf_counter()
+    manifest = export(demo.merged, demo.onnx_dir, progress=False)
+    demo.results["export"] = time.perf_counter() - t
+    for name, part in manifest["models"].items():
+        v = part["verification"]
+        console.print(f"{name:<14} verified vs PyTorch: max abs err {v['max_abs_err']:.2e}, max rel err {v['max_rel_err']:.2e}")
+
+
+def sample_onnx(demo: Demo) -> None:
+    """The same clip (same seed) from ONNX Runtime, then timings and the difference between the two clips."""
+    import numpy as np
+    from rich.table import Table
+
+    from weightlab.onnx_runtime import OnnxVideoPipeline
+
+    pipe = OnnxVideoPipeline(demo.onnx_dir)
+    clip = pipe(PROMPT, frames=16, steps=4, guidance=1.0, seed=0, progress=False)
+    path = _write(clip, "clip_onnx", demo)
+    ref, ref_path = demo.results["torch"]
+    table = Table(title="tiny video LCM: PyTorch vs ONNX Runtime (16 frames, 4 steps, guidance 1.0)")
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("merge (Eq. 2, streamed)", f"{demo.results['merge']:.2f} s")
+    table.add_row("denoise, PyTorch eager", f"{ref.seconds['denoise']:.3f} s")
+    table.add_row("export to ONNX (+ verification)", f"{demo.results['export']:.2f} s")
+    table.add_row(f"denoise, ONNX Runtime ({pipe.provider})", f"{clip.seconds['denoise']:.3f} s")
+    table.add_row("max |difference| of the clips (0..1)", f"{float(np.abs(ref.video - clip.video).max()):.2e}")
+    table.add_row("merged UNet", str(demo.merged))
+    table.add_row("ONNX export", str(demo.onnx_dir))
+    table.add_row("clips", f"{ref_path}\n{path}")
+    console.print(table)
+
+
 STEPS = [
     ("Build the tiny model family", build_tiny),
     ("Inspect every file", inspect_files),
     ("Register the residuals", register_family),
     ("Merge by registry names (Eq. 2)", merge_by_name),
     ("Lineage of the merge", show_lineage),
+    ("Sample 16 frames with PyTorch", sample_pytorch),
+    ("Export to ONNX", export_onnx),
+    ("Sample with ONNX Runtime", sample_onnx),
 ]
 
 

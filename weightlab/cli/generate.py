@@ -1,0 +1,52 @@
+"""``weightlab generate``: sample a clip (PyTorch, or ONNX Runtime with ``--onnx``) and write MP4 + GIF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from weightlab.cli.common import console, fail_on_error
+
+
+def generate_cmd(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text prompt."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .mp4; the GIF is written next to it."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe YAML/JSON or merged model folder (optional with --onnx)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Sample with ONNX Runtime from this `weightlab export onnx` folder."),
+    provider: str = typer.Option("auto", "--provider", help="With --onnx: auto | cuda | tensorrt | cpu."),
+    steps: int = typer.Option(4, "--steps", help="LCM steps."),
+    frames: int = typer.Option(16, "--frames", help="Frames (at most the motion module's 32)."),
+    guidance: float = typer.Option(1.0, "--guidance", help="1.0 = no CFG; up to 2.0."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial and per-step noise."),
+    height: Optional[int] = typer.Option(None, "--height", help="Pixels; the model's native size when omitted."),
+    width: Optional[int] = typer.Option(None, "--width", help="Pixels; the model's native size when omitted."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Used only with --guidance > 1."),
+    fps: int = typer.Option(8, "--fps", help="Frames per second of the MP4/GIF."),
+    gif: bool = typer.Option(True, "--gif/--no-gif", help="Also write a GIF."),
+    device: Optional[str] = typer.Option(None, "--device", help="PyTorch device (cpu, cuda); the recipe's when omitted."),
+) -> None:
+    """Sample a video clip (16 frames, 4 steps, no CFG by default) and write it as MP4 and GIF."""
+    from rich.table import Table
+
+    from weightlab.video import generate
+
+    with fail_on_error():
+        result = generate(recipe, prompt, out, onnx_dir=onnx, provider=provider, gif=gif, fps=fps, device=device, frames=frames,
+                          steps=steps, guidance=guidance, seed=seed, height=height, width=width,
+                          negative_prompt=negative_prompt)
+    table = Table(title=f"weightlab generate ({result['backend']})")
+    for col in ("stage", "seconds"):
+        table.add_column(col)
+    for stage, seconds in result["seconds"].items():
+        table.add_row(stage, f"{seconds:.3f}")
+    console.print(table)
+    console.print(f"{result['frames']} frames, {result['size'][1]}x{result['size'][0]} px")
+    console.print(f"mp4: {result['mp4']}")
+    if result["gif"]:
+        console.print(f"gif: {result['gif']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_cmd)

@@ -1,0 +1,350 @@
+"""Video assembly and sampling: a merged ``UNetMotionModel`` in diffusers' ``AnimateDiffPipeline`` (DESIGN.md
+"Video assembly, sampling and export").
+
+The base's text encoder, tokenizer and VAE join the merged UNet; the scheduler is ``LCMScheduler`` with
+AnimateLCM's own config. Defaults follow the paper: 16 frames, 4 steps, guidance 1.0 (no CFG; up to 2 allowed).
+:class:`weightlab.onnx_runtime.OnnxVideoPipeline` has the same call signature and returns the same :class:`Clip`.
+
+Example:
+    >>> pipe = VideoPipeline.from_source("recipe.yaml")            # doctest: +SKIP
+    >>> clip = pipe("a cat walking on the beach", seed=0)           # doctest: +SKIP
+    >>> write_video(clip.frames, "clip.mp4"); write_video(clip.frames, "clip.gif")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from weightlab.errors import RecipeError, SamplingError, WeightlabError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from weightlab.recipe import Recipe
+
+# AnimateLCM's scheduler settings (DESIGN.md); every other LCMScheduler field keeps the base's value or LCM's default.
+ANIMATELCM_SCHEDULER = dict(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, original_inference_steps=100,
+                            steps_offset=1)
+DEFAULT_FRAMES, DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_FPS = 16, 4, 1.0, 8
+MAX_GUIDANCE = 2.0
+DECODE_CHUNK = 16  # frames per VAE decode call, as diffusers' AnimateDiffPipeline
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class VideoUNet(NamedTuple):
+    """A merged ``UNetMotionModel``, the pipeline folder its other components come from, and its recipe if known."""
+
+    unet: Any
+    pipeline_dir: Path
+    recipe: "Recipe | None"
+
+
+@dataclass
+class Clip:
+    """One sampled clip.
+
+    Attributes:
+        video (np.ndarray): ``(F, H, W, 3)`` float32 in [0, 1], before quantisation (compare clips with this).
+        latents (torch.Tensor): the final latents ``(1, C, F, h, w)``.
+        seconds (dict[str, float]): ``encode`` (prompt), ``denoise`` (the step loop, as the paper times it),
+            ``decode`` (VAE), ``total``.
+    """
+
+    video: "np.ndarray"
+    latents: "torch.Tensor"
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def frames(self) -> "np.ndarray":
+        """``(F, H, W, 3)`` uint8 frames, ready for :func:`write_video`."""
+        import numpy as np
+
+        return np.round(self.video * 255.0).astype(np.uint8)
+
+
+def torch_dtype(dtype: "str | torch.dtype | None", default: str = "float32") -> "torch.dtype":
+    """``"float16"``/``"float32"``/``"bfloat16"`` (or a torch dtype, or None for ``default``) -> torch dtype."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype or default
+    if name not in ("float32", "float16", "bfloat16"):
+        raise WeightlabError(f"unknown dtype {name!r}. Fix: use float32, float16 or bfloat16.")
+    return getattr(torch, name)
+
+
+def _dtype_name(dtype) -> str | None:
+    if dtype is None:
+        return None
+    return str(torch_dtype(dtype)).removeprefix("torch.")
+
+
+def animatelcm_scheduler(base_config: dict | None = None):
+    """``LCMScheduler`` with AnimateLCM's settings over ``base_config`` (the base pipeline's scheduler config)."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(dict(base_config or {}), **ANIMATELCM_SCHEDULER)
+
+
+def _recipe_of(source) -> "Recipe | None":
+    """The recipe a source is, or was merged from (a merged folder's ``recipe.json``); None if unknown."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source)
+    file = path if path.is_file() and path.suffix in RECIPE_SUFFIXES else path / "recipe.json"
+    if not file.is_file():
+        return None
+    from weightlab.recipe import Recipe  # pydantic: only when there is a recipe to read
+
+    return Recipe.from_file(file)
+
+
+def _base_pipeline_dir(recipe: "Recipe") -> Path | None:
+    from weightlab.loading import load
+    from weightlab.merge import resolve_source
+
+    return load(resolve_source(recipe.base), kind="base").pipeline_dir
+
+
+def merged_unet(source, *, dtype: "str | torch.dtype | None" = None, device: str | None = None):
+    """The merged ``UNetMotionModel`` (eval mode) of a recipe, a recipe file or a merged folder, and its recipe.
+
+    This is the one place where weightlab's merge engine is called for video (:func:`weightlab.build_unet`).
+
+    Args:
+        source (Recipe | str | Path): a :class:`~weightlab.recipe.Recipe`, a recipe ``.yaml``/``.json`` file, or a folder
+            written by :func:`weightlab.merge_to_folder` (whose ``recipe.json`` is returned when present).
+        dtype (str | torch.dtype | None, default None): the model dtype; the recipe's (or float32) when None.
+        device (str | None, default None): where to build the model; the recipe's (or cpu) when None.
+    Returns:
+        tuple: ``(unet, recipe or None)``.
+    """
+    from diffusers import UNetMotionModel
+
+    recipe = _recipe_of(source)
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        folder = Path(source)
+        config = folder / "config.json"
+        if not config.is_file() or json.loads(config.read_text()).get("_class_name") != "UNetMotionModel":
+            raise RecipeError(f"{folder}: not a merged video model folder (config.json of a UNetMotionModel). Fix: pass "
+                              "a recipe, or the folder `weightlab merge --out DIR` wrote for a recipe with a motion term.")
+        unet = UNetMotionModel.from_pretrained(folder, torch_dtype=torch_dtype(dtype)).to(device or "cpu")
+    elif recipe is not None:
+        from weightlab.merge import build_unet
+
+        recipe = recipe.model_copy(update={k: v for k, v in (("dtype", _dtype_name(dtype)), ("device", device)) if v})
+        unet = build_unet(recipe)
+    else:
+        raise RecipeError(f"{source}: neither a recipe file ({', '.join(RECIPE_SUFFIXES)}) nor a merged model folder. "
+                          "Fix: pass a recipe, or the folder written by `weightlab merge --out DIR`.")
+    if type(unet).__name__ != "UNetMotionModel":
+        raise RecipeError("the recipe has no motion term, so it merges an image UNet, not a video model. "
+                          "Fix: add a motion module term (kind: motion, scale 1.0).")
+    return unet.eval().requires_grad_(False), recipe
+
+
+def load_unet(source, *, pipeline_dir: str | Path | None = None, dtype: "str | torch.dtype | None" = None,
+              device: str | None = None) -> VideoUNet:
+    """:func:`merged_unet` plus the diffusers pipeline folder that provides ``text_encoder/``, ``tokenizer/``,
+    ``vae/`` and ``scheduler/``: ``pipeline_dir`` when given, else the recipe base's folder."""
+    unet, recipe = merged_unet(source, dtype=dtype, device=device)
+    folder = Path(pipeline_dir) if pipeline_dir else (_base_pipeline_dir(recipe) if recipe else None)
+    if folder is None or not all((folder / sub).is_dir() for sub in ("text_encoder", "tokenizer", "vae")):
+        raise WeightlabError(f"no pipeline folder with text_encoder/, tokenizer/ and vae/ for {source!s} (found {folder}). "
+                             "Fix: use a diffusers pipeline folder as the recipe's base, or pass pipeline_dir=.")
+    return VideoUNet(unet, folder, recipe)
+
+
+def vae_dtype(vae_dir: str | Path, dtype: "torch.dtype") -> "torch.dtype":
+    """The VAE runs in float32 when its config says ``force_upcast`` (SD1.5's overflows in fp16), else in ``dtype``."""
+    import torch
+
+    config = json.loads((Path(vae_dir) / "config.json").read_text())
+    return torch.float32 if config.get("force_upcast", False) else dtype
+
+
+def build_pipeline(unet, pipeline_dir: str | Path, *, device: str | None = None):
+    """An ``AnimateDiffPipeline``: merged ``unet`` + the folder's text encoder and tokenizer (in the UNet's dtype),
+    its VAE (see :func:`vae_dtype`) + :func:`animatelcm_scheduler`."""
+    from diffusers import AnimateDiffPipeline, AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(pipeline_dir)
+    dtype = unet.dtype
+    device = device or str(unet.device)
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler = animatelcm_scheduler(json.loads(sched_file.read_text()) if sched_file.is_file() else None)
+    pipe = AnimateDiffPipeline(
+        vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype(folder / "vae", dtype)),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        unet=unet, motion_adapter=None, scheduler=scheduler)
+    return pipe.to(device)
+
+
+def check_request(*, frames: int, steps: int, guidance: float, height: int, width: int, max_frames: int,
+                  original_steps: int, multiple: int) -> None:
+    """Refuse what the model cannot sample, with the fix (shared by the PyTorch and ONNX pipelines)."""
+    if not 1 <= frames <= max_frames:
+        raise SamplingError(
+            f"frames={frames}: this motion module's positional table holds {max_frames} frames "
+            "(motion_max_seq_length), so one window samples 1 to that many. "
+            f"Fix: pass frames <= {max_frames} (e.g. --frames 16, the trained length).")
+    if not 1 <= steps <= original_steps:
+        raise SamplingError(f"steps={steps}: LCM sampling takes 1 to {original_steps} steps "
+                            "(original_inference_steps). Fix: use 4 (AnimateLCM's default) or another value in range.")
+    if not 1.0 <= guidance <= MAX_GUIDANCE:
+        raise SamplingError(f"guidance={guidance}: consistency-distilled video models are sampled without CFG (1.0) "
+                            f"or with mild CFG up to {MAX_GUIDANCE}; higher values burn the frames. Fix: use 1.0–{MAX_GUIDANCE}.")
+    if height % multiple or width % multiple or height < 2 * multiple or width < 2 * multiple:
+        raise SamplingError(f"{height}x{width}: height and width must be multiples of {multiple} (VAE factor x 8), "
+                            f"at least {2 * multiple}. Fix: e.g. {8 * multiple}x{8 * multiple}.")
+
+
+def postprocess(video: "torch.Tensor") -> "np.ndarray":
+    """VAE output ``(1, 3, F, H, W)`` in [-1, 1] -> ``(F, H, W, 3)`` float32 in [0, 1] (diffusers' postprocessing)."""
+    return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work so wall-clock timings are true."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class VideoPipeline:
+    """PyTorch sampling with diffusers' ``AnimateDiffPipeline`` (see :func:`build_pipeline`).
+
+    Args:
+        pipe (AnimateDiffPipeline): an assembled pipeline whose scheduler is an ``LCMScheduler``.
+    Example:
+        >>> clip = VideoPipeline.from_source(merged_dir)("a cat", frames=16, steps=4, seed=0)   # doctest: +SKIP
+    """
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @classmethod
+    def from_source(cls, source, *, pipeline_dir: str | Path | None = None, dtype: "str | torch.dtype | None" = None,
+                    device: str | None = None) -> "VideoPipeline":
+        """Assemble from a recipe, recipe file or merged folder (see :func:`load_unet`)."""
+        unet, folder, _ = load_unet(source, pipeline_dir=pipeline_dir, dtype=dtype, device=device)
+        return cls(build_pipeline(unet, folder, device=device))
+
+    @property
+    def device(self):
+        return self.pipe.unet.device
+
+    def __call__(self, prompt: str, *, frames: int = DEFAULT_FRAMES, steps: int = DEFAULT_STEPS,
+                 guidance: float = DEFAULT_GUIDANCE, seed: int = 0, height: int | None = None, width: int | None = None,
+                 negative_prompt: str | None = None, progress: bool = True) -> Clip:
+        """Sample one clip.
+
+        Args:
+            prompt (str): the text prompt.
+            frames (int, default 16): 1 to the motion module's limit (32 for AnimateDiff/AnimateLCM modules).
+            steps (int, default 4): LCM steps.
+            guidance (float, default 1.0): 1.0 disables CFG; up to 2.0 allowed.
+            seed (int, default 0): seeds the initial noise and every LCM step's noise.
+            height, width (int | None, default None): pixels; the UNet's ``sample_size`` x VAE factor when None.
+            negative_prompt (str | None, default None): used only with guidance > 1.
+            progress (bool, default True): show a progress bar over the steps.
+        Returns:
+            Clip: frames in [0, 1], final latents and timings.
+        """
+        import torch
+
+        pipe = self.pipe
+        factor = pipe.vae_scale_factor
+        height = height or pipe.unet.config.sample_size * factor
+        width = width or pipe.unet.config.sample_size * factor
+        check_request(frames=frames, steps=steps, guidance=guidance, height=height, width=width,
+                      max_frames=pipe.unet.config.motion_max_seq_length,
+                      original_steps=pipe.scheduler.config.original_inference_steps, multiple=8 * factor)
+        pipe.set_progress_bar_config(disable=not progress, desc="denoise")
+        device = self.device
+        cfg = guidance > 1.0
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
+            sync(device)
+            t1 = time.perf_counter()
+            latents = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_frames=frames, height=height,
+                           width=width, num_inference_steps=steps, guidance_scale=guidance,
+                           generator=torch.Generator(device).manual_seed(seed), output_type="latent").frames
+            sync(device)
+            t2 = time.perf_counter()
+            video = postprocess(pipe.decode_latents(latents.to(pipe.vae.dtype), DECODE_CHUNK))
+            t3 = time.perf_counter()
+        return Clip(video=video, latents=latents, seconds={"encode": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2,
+                                                           "total": t3 - t0})
+
+
+def write_video(frames: "np.ndarray", path: str | Path, *, fps: int = DEFAULT_FPS) -> Path:
+    """Write ``(F, H, W, 3)`` uint8 frames as H.264 MP4 (``.mp4``, ffmpeg from ``imageio-ffmpeg``) or looping GIF (``.gif``)."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        imageio.mimwrite(path, list(frames), format="GIF", duration=1000 / fps, loop=0)
+    elif path.suffix == ".mp4":
+        # yuv420p needs even sizes; frames are multiples of 8 (latents x VAE factor), so nothing is resized.
+        with imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+                                macro_block_size=8, ffmpeg_log_level="error") as writer:
+            for frame in frames:
+                writer.append_data(frame)
+    else:
+        raise WeightlabError(f"{path}: unknown video format {path.suffix!r}. Fix: end the path in .mp4 or .gif.")
+    return path
+
+
+def generate(source, prompt: str, out: str | Path, *, onnx_dir: str | Path | None = None, provider: str = "auto",
+             gif: bool = True, fps: int = DEFAULT_FPS, device: str | None = None, **sampling) -> dict:
+    """Sample a clip and write ``out`` (MP4) and, with ``gif``, the same clip as ``out`` with ``.gif``.
+
+    Args:
+        source (Recipe | str | Path | None): recipe, recipe file or merged folder; may be None with ``onnx_dir``.
+        prompt (str): the text prompt.
+        out (str | Path): the ``.mp4`` path.
+        onnx_dir (str | Path | None, default None): sample with ONNX Runtime from this export instead of PyTorch.
+            With a ``source`` too, the export must have been made (or re-weighted) from the same recipe.
+        provider (str, default "auto"): ONNX Runtime provider: ``auto`` | ``cuda`` | ``tensorrt`` | ``cpu``.
+        gif (bool, default True): also write a GIF next to the MP4.
+        fps (int, default 8): frames per second of the written files.
+        device (str | None, default None): PyTorch device (ONNX: chosen from the available providers).
+        **sampling: ``frames``, ``steps``, ``guidance``, ``seed``, ``height``, ``width``, ``negative_prompt``, ``progress``.
+    Returns:
+        dict: ``{"mp4", "gif", "seconds", "frames", "size", "backend"}``.
+    """
+    out = Path(out)
+    if out.suffix != ".mp4":
+        raise WeightlabError(f"{out}: --out must end in .mp4 (the GIF is written next to it).")
+    if onnx_dir is not None:
+        from weightlab.onnx_runtime import OnnxVideoPipeline
+
+        pipe = OnnxVideoPipeline(onnx_dir, provider=provider)
+        if source is not None:
+            pipe.check_recipe(_recipe_of(source))
+        backend = f"onnxruntime ({pipe.provider})"
+    elif source is None:
+        raise WeightlabError("nothing to sample from. Fix: pass a recipe/merged folder, or --onnx DIR.")
+    else:
+        pipe = VideoPipeline.from_source(source, device=device)
+        backend = f"pytorch ({pipe.device})"
+    clip = pipe(prompt, **sampling)
+    frames = clip.frames
+    result = {"mp4": str(write_video(frames, out, fps=fps)), "gif": None, "seconds": clip.seconds,
+              "frames": int(frames.shape[0]), "size": (int(frames.shape[1]), int(frames.shape[2])), "backend": backend}
+    if gif:
+        result["gif"] = str(write_video(frames, out.with_suffix(".gif"), fps=fps))
+    return result
