@@ -19,3 +19,10 @@ def test_every_package_is_listed_in_pyproject():
             rel = init.parent.relative_to(ROOT / top).parts
             found.add(".".join((import_name, *rel)))
     assert found == listed, f"add to pyproject packages: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+
+
+def test_every_public_name_resolves():
+    import weightlab
+
+    for name in weightlab.__all__:
+        assert getattr(weightlab, name) is not None, name
