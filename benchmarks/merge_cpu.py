@@ -9,23 +9,27 @@ Workload (random weights, real configs, written once under ``--work`` as safeten
 Recipe: w' = w0 + 0.8·style + 1.0·accel (+ 1.0·motion for the video rows).
 
 Measured (each one in a fresh process, forked from a fork server that has only imported the libraries):
-- ours.fuse          ``Merger(model, base, inputs).apply()`` on an already-loaded UNet (the fuse alone);
-- ours.build_unet    ``build_unet(recipe)`` end to end from files (spatial, and video = with the motion term);
-- ours.stream        ``merge_to_file(recipe)`` (video recipe), including the final fsync;
-- diffusers          ``from_pretrained`` + ``load_lora_weights`` x2 + ``set_adapters`` + ``fuse_lora`` +
-                     ``unload_lora_weights`` end to end; ``fuse_lora`` alone is a sub-timing of the same run;
-                     the video variant builds the model the AnimateDiffPipeline way (``UNetMotionModel.from_unet2d``);
-- peft               ``merge_and_unload`` alone (model wrapped with ``get_peft_model``, both adapters set up untimed);
-- ``+madvise`` rows  an experiment, not the shipped engine: the same call with ``madvise(MADV_DONTNEED)`` on the
-                     memory-mapped source pages right after each tensor is consumed (monkeypatched from here).
+- ours.fuse             ``Merger(model, base, inputs).apply()`` on an already-loaded UNet (the fuse alone);
+- diffusers.fuse_lora   ``fuse_lora`` alone, both LoRAs loaded untimed (its peer);
+- peft.merge_and_unload ``merge_and_unload`` alone (``get_peft_model`` + both adapters set up untimed);
+  (the three fuse-alone rows load the UNet with ``disable_mmap=True``: diffusers 0.42 otherwise leaves every weight
+  a lazy view of a private mmap, and the first in-place write would copy pages into RAM inside the timed section)
+- ours.build_unet       ``build_unet(recipe)`` end to end from files (spatial, and video = with the motion term);
+- diffusers             ``from_pretrained`` + ``load_lora_weights`` x2 + ``set_adapters`` + ``fuse_lora`` +
+                        ``unload_lora_weights`` end to end (the video variant builds the model the AnimateDiffPipeline
+                        way, ``UNetMotionModel.from_unet2d``); each step is also timed on its own;
+- ours.stream           ``merge_to_file(recipe)`` (video recipe), including the final fsync;
+- ``+madvise`` rows     an experiment, not the shipped engine: the same call with ``madvise(MADV_DONTNEED)`` on the
+                        memory-mapped source pages right after each tensor is consumed (monkeypatched from here).
 
 Peak RSS: ``VmHWM`` from /proc/self/status, reset with ``echo 5 > /proc/self/clear_refs`` right before each timed
-section, minus ``VmRSS`` just before it ("extra"). File-backed (mmap) and anonymous parts come from a 5 ms sampler
+section, minus ``VmRSS`` just before it ("extra"). File-backed (mmap) and anonymous parts come from a 20 ms sampler
 thread (approximate; the HWM is exact). Benchmarks are scripts, never timed assertions (DESIGN.md).
 
 Usage:
     .venv/bin/python benchmarks/merge_cpu.py                      # full size, 3 repeats -> benchmarks/RESULTS.md
     .venv/bin/python benchmarks/merge_cpu.py --quick              # tiny config, 1 repeat, prints only (< 1 min)
+    .venv/bin/python benchmarks/merge_cpu.py --threads 1 --out /tmp/t1.md  # contention-robust control run
     .venv/bin/python benchmarks/merge_cpu.py --render-only --notes notes.md   # re-render the last raw results
 """
 
@@ -720,7 +724,7 @@ def _rows(summary: dict, cases: list[dict]) -> list[list[str]]:
 
         if c["func"] == "diffusers":
             rows.append(row(c["id"] + " end to end", s["seconds"], None))
-            rows.append(row(f"  ↳ its fuse_lora (mmap-backed weights: includes copy-on-write)", s["sec.fuse"], "fuse"))
+            rows.append(row("  ↳ its fuse_lora (mmap-backed weights: includes copy-on-write)", s["sec.fuse"], "fuse"))
         else:
             key = next(k[4:] for k in s if k.startswith("sec."))
             rows.append(row(c["id"], s["seconds"], key))
@@ -745,7 +749,8 @@ def comparisons(summary: dict, dtypes) -> tuple[list[list[str]], list[list[str]]
             ("fuse alone: PEFT merge_and_unload / ours Merger.apply", f"peft.merge_and_unload[{dt}]", f"ours.fuse[{dt}]"),
             ("end to end, spatial: diffusers / ours build_unet", f"diffusers[{dt}]", f"ours.build_unet[{dt}]"),
             ("end to end, video: diffusers / ours build_unet", f"diffusers.video[{dt}]", f"ours.build_unet.video[{dt}]"),
-            ("end to end, video: diffusers / ours streamed to a file", f"diffusers.video[{dt}]", f"ours.stream.video[{dt}]"),
+            ("end to end, video: diffusers (in memory) / ours streamed to a file (+ fsync; not like for like)",
+             f"diffusers.video[{dt}]", f"ours.stream.video[{dt}]"),
         ]
         pairs = [(label, med(p), med(o)) for label, p, o in ids]
         for (label, peer, ours), (_, p, o) in zip(pairs, ids):
@@ -818,8 +823,7 @@ def check_agreement(summary: dict, dtypes) -> list[str]:
                     d = abs(v - ref[k]) / max(abs(ref[k]), 1e-12)
                     if d > worst:
                         worst, who = d, cid
-        notes.append(f"{dt}: largest relative difference of the checksums vs ours.fuse: {worst:.1e}"
-                     + (f" ({who})" if who else ""))
+        notes.append(f"{dt} {worst:.1e}" + (f" (`{who}`)" if who else ""))
     return notes
 
 
@@ -834,7 +838,8 @@ def render(raw: dict, notes_text: str = "", title: str | None = None) -> tuple[s
     sizes, wl = raw["sizes"], raw["workload"]
     breakdown = _breakdown(summary, cases)
     text = "\n\n".join([_plain(ROW_HEADER, rows), _plain(["ratio", "dtype", "peer s", "ours s", "peer/ours", "best/best", "CPU s ratio"], ratios),
-                        _plain(["target", "dtype", "value", "verdict"], targets), "\n".join(agree)])
+                        "sanity (max relative checksum difference vs ours.fuse): " + "; ".join(agree),
+                        _plain(["target", "dtype", "value", "verdict"], targets)])
     title = (title or SECTION) + (" — QUICK SMOKE CONFIG, not a result" if raw["quick"] else "")
     md = [title, "",
           f"Run {info['date']} with `benchmarks/merge_cpu.py{' --quick' if raw['quick'] else ''}` "
@@ -842,10 +847,11 @@ def render(raw: dict, notes_text: str = "", title: str | None = None) -> tuple[s
           "",
           f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram'] / 2**30:.1f} GiB RAM, GPU: {info['gpu']}; "
           f"torch uses {raw.get('threads') or info['torch_threads']} thread(s) per measurement.",
-          f"- **Shared machine**: other engineers' test suites were running during the measurement "
-          f"(1-min load average at the start of each measurement: median {_med(loads):.1f}, range "
-          f"{min(loads, default=0):.1f}–{max(loads, default=0):.1f}, on 2 cores). Absolute times are noisy; "
-          "compare ratios, which were taken in the same interleaved repeats.",
+          f"- **Shared machine**: other engineers run their test suites on it at the same time. The 1-min load "
+          f"average at the start of each measurement (this benchmark's own process included) had median "
+          f"{_med(loads):.1f} and range {min(loads, default=0):.1f}–{max(loads, default=0):.1f} on "
+          f"{info['cores']} cores. Times are sensitive to that load (see the notes); compare ratios, which come from "
+          "the same interleaved repeats.",
           f"- Software: Python {info['python']}, torch {info['torch']}, diffusers {info['diffusers']}, "
           f"peft {info['peft']}, weightlab {info['commit']}.",
           f"- Inputs (random weights, real configs, warm page cache): base UNet "
@@ -868,14 +874,17 @@ def render(raw: dict, notes_text: str = "", title: str | None = None) -> tuple[s
           _table(["comparison", "dtype", "peer s (median)", "ours s (median)", "peer / ours (medians)",
                   "best of peer / best of ours", "peer / ours (CPU seconds)"], ratios), "",
           "Targets of issue 3:", "", _table(["target", "dtype", "measured", "verdict"], targets), "",
-          "Sanity: " + "; ".join(agree) + " (all methods merge the same recipe; fp16 rows differ by rounding order).",
+          "Sanity: the largest relative difference between any measurement's merged weights and `ours.fuse` "
+          "(sum and L1 norm of 4 touched tensors) is " + "; ".join(agree)
+          + ". All methods merge the same recipe; fp16 results differ only in rounding order.",
           ]
     res_lines = []
-    for cid, s in summary.items():
-        r = [x.get("resident") for x in raw["runs"][cid] if x.get("status") == "ok" and x.get("resident")]
+    for dt in dtypes:
+        r = [x["resident"] for cid in summary if cid.endswith(f"[{dt}]")
+             for x in raw["runs"][cid] if x.get("status") == "ok" and x.get("resident")]
         if r:
-            res_lines.append(f"`{cid}` RssAnon {_gb(_med([x['anon'] for x in r]))} GB / RssFile "
-                             f"{_gb(_med([x['file'] for x in r]))} GB for a {_gb(r[0]['model_bytes'])} GB model")
+            res_lines.append(f"{dt}: RssAnon {_gb(min(x['anon'] for x in r))}–{_gb(max(x['anon'] for x in r))} GB, "
+                             f"RssFile ≤ {_gb(max(x['file'] for x in r))} GB for a {_gb(r[0]['model_bytes'])} GB model")
     if res_lines:
         md += ["", "In-RAM baseline of the fuse-alone rows (after `from_pretrained(disable_mmap=True)`, before the "
                "timed section): " + "; ".join(res_lines) + "."]
