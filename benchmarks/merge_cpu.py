@@ -19,8 +19,6 @@ Measured (each one in a fresh process, forked from a fork server that has only i
                         ``unload_lora_weights`` end to end (the video variant builds the model the AnimateDiffPipeline
                         way, ``UNetMotionModel.from_unet2d``); each step is also timed on its own;
 - ours.stream           ``merge_to_file(recipe)`` (video recipe), including the final fsync;
-- ``+madvise`` rows     an experiment, not the shipped engine: the same call with ``madvise(MADV_DONTNEED)`` on the
-                        memory-mapped source pages right after each tensor is consumed (monkeypatched from here).
 
 Peak RSS: ``VmHWM`` from /proc/self/status, reset with ``echo 5 > /proc/self/clear_refs`` right before each timed
 section, minus ``VmRSS`` just before it ("extra"). File-backed (mmap) and anonymous parts come from a 20 ms sampler
@@ -249,95 +247,8 @@ class Tracker:
                     cpu_total=sum(s["cpu_seconds"] for s in self.sections.values()))
 
 
-# --------------------------------------------------------------------------------------------- madvise experiment
-
-def install_madvise() -> dict:
-    """Drop memory-mapped source pages from this process right after each tensor is consumed.
-
-    Patches (from here, for the experiment only) ``mmap_tensors`` (to learn the mapped ranges; call this before
-    loading anything), the PyTorch merge of one tensor, ``Merger._copy_pristine`` and ``Residual.check_finite``. ``MADV_DONTNEED`` on a clean MAP_PRIVATE page only unmaps it: the page stays in the
-    page cache and a later read faults it back in with the same bytes.
-    """
-    import ctypes
-
-    import torch
-
-    from weightlab import files as wfiles
-    from weightlab import loading as wloading
-    from weightlab import merge as wmerge
-    from weightlab import residuals
-    from weightlab.kernels import reference
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page = os.sysconf("SC_PAGE_SIZE")
-    stats = {"calls": 0, "bytes": 0, "errors": 0}
-
-    ranges: list[tuple[int, int]] = []  # address ranges of the maps made by weightlab.files.mmap_tensors
-
-    orig_mmap = wfiles.mmap_tensors
-
-    def mmap_tensors(*a, **k):
-        out = orig_mmap(*a, **k)
-        ptrs = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in out.values() if t.numel()]
-        if ptrs:
-            ranges.append((min(p[0] for p in ptrs), max(p[1] for p in ptrs)))
-        return out
-
-    wfiles.mmap_tensors = wloading.mmap_tensors = mmap_tensors
-
-    def drop(t) -> None:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
-            return
-        addr, n = t.data_ptr(), t.numel() * t.element_size()
-        if not any(a <= addr < b for a, b in ranges):
-            return
-        start = addr & ~(page - 1)
-        if libc.madvise(start, addr + n - start, 4) != 0:  # MADV_DONTNEED
-            stats["errors"] += 1
-        stats["calls"] += 1
-        stats["bytes"] += n
-
-    global DROP
-    DROP = drop  # for ad-hoc diagnostics
-    orig_one = reference._merge_one
-
-    def merge_one(item, rows, cols):
-        orig_one(item, rows, cols)
-        drop(item.w0)
-        for down, up, _ in item.loras:
-            drop(down)
-            drop(up)
-        for w, _ in item.denses:
-            drop(w)
-
-    reference._merge_one = merge_one
-
-    def copy_pristine(self, keys):
-        with torch.no_grad():
-            for k in keys:
-                self._params[k].data.copy_(self.composition.pristine[k])
-                drop(self.composition.pristine[k])
-
-    wmerge.Merger._copy_pristine = copy_pristine
-
-    def check_finite(self):
-        bad = []
-        for k, v in self.tensors().items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                bad.append(k)
-            drop(v)
-        if bad:
-            from weightlab.errors import NonFiniteError
-            raise NonFiniteError(f"non-finite values in {bad[:5]}")
-
-    residuals.Residual.check_finite = check_finite
-    return stats
-
-
 # --------------------------------------------------------------------------------------------- cases (child side)
 
-DROP = None
 DT_NAMES = ("float32", "float16")
 
 
@@ -408,11 +319,10 @@ def _resident(model) -> dict:
     return {"rss": s["VmRSS"], "anon": s["RssAnon"], "file": s["RssFile"], "model_bytes": _model_bytes(model)}
 
 
-def case_ours_fuse(paths: dict, dtype: str, madvise: bool = False) -> dict:
+def case_ours_fuse(paths: dict, dtype: str) -> dict:
     import weightlab
     from weightlab.merge import Input, Merger
 
-    stats = install_madvise() if madvise else None
     model = _load_unet(paths, dtype, in_ram=True)
     resident = _resident(model)
     base = weightlab.load(paths[f"base_{dtype}"], kind="base")
@@ -425,31 +335,29 @@ def case_ours_fuse(paths: dict, dtype: str, madvise: bool = False) -> dict:
         t_init = time.perf_counter() - t
         merger.apply()
     res = tr.result()
-    return dict(res, model_bytes=_model_bytes(model), check=_checksum(_sd_getter(model)), madvise=stats,
+    return dict(res, model_bytes=_model_bytes(model), check=_checksum(_sd_getter(model)),
                 sub={"Merger() validation": t_init}, resident=resident)
 
 
-def case_ours_build(paths: dict, dtype: str, video: bool, madvise: bool = False) -> dict:
+def case_ours_build(paths: dict, dtype: str, video: bool) -> dict:
     from weightlab.merge import build_unet
 
     recipe = _recipe(paths, dtype, video)
-    stats = install_madvise() if madvise else None
     tr = Tracker()
     with tr.section("e2e"):
         model = build_unet(recipe)
     res = tr.result()
-    return dict(res, model_bytes=_model_bytes(model), check=_checksum(_sd_getter(model)), madvise=stats,
+    return dict(res, model_bytes=_model_bytes(model), check=_checksum(_sd_getter(model)),
                 model_class=type(model).__name__)
 
 
-def case_ours_stream(paths: dict, dtype: str, madvise: bool = False) -> dict:
+def case_ours_stream(paths: dict, dtype: str) -> dict:
     from safetensors import safe_open
 
     from weightlab.merge import merge_to_file
 
     recipe = _recipe(paths, dtype, video=True)
     out = Path(paths["root"]) / f"streamed_{dtype}_{os.getpid()}.safetensors"
-    stats = install_madvise() if madvise else None
     tr = Tracker()
     try:
         with tr.section("stream"):
@@ -460,7 +368,7 @@ def case_ours_stream(paths: dict, dtype: str, madvise: bool = False) -> dict:
             check = _checksum(lambda k: f.get_tensor(k) if k in keys else None)
     finally:
         out.unlink(missing_ok=True)
-    return dict(res, model_bytes=summary["bytes"], check=check, madvise=stats)
+    return dict(res, model_bytes=summary["bytes"], check=check)
 
 
 _PIPE_CLS = None
@@ -589,17 +497,13 @@ def plan_cases(dtypes) -> list[dict]:
     for dt in dtypes:
         cases += [
             dict(id=f"ours.fuse[{dt}]", group="spatial", func="ours_fuse", kw=dict(dtype=dt)),
-            dict(id=f"ours.fuse+madvise[{dt}]", group="spatial", func="ours_fuse", kw=dict(dtype=dt, madvise=True)),
             dict(id=f"diffusers.fuse_lora[{dt}]", group="spatial", func="diffusers_fuse", kw=dict(dtype=dt)),
             dict(id=f"peft.merge_and_unload[{dt}]", group="spatial", func="peft", kw=dict(dtype=dt)),
             dict(id=f"ours.build_unet[{dt}]", group="spatial", func="ours_build", kw=dict(dtype=dt, video=False)),
             dict(id=f"diffusers[{dt}]", group="spatial", func="diffusers", kw=dict(dtype=dt, video=False)),
             dict(id=f"ours.build_unet.video[{dt}]", group="video", func="ours_build", kw=dict(dtype=dt, video=True)),
-            dict(id=f"ours.build_unet.video+madvise[{dt}]", group="video", func="ours_build",
-                 kw=dict(dtype=dt, video=True, madvise=True)),
             dict(id=f"diffusers.video[{dt}]", group="video", func="diffusers", kw=dict(dtype=dt, video=True)),
             dict(id=f"ours.stream.video[{dt}]", group="video", func="ours_stream", kw=dict(dtype=dt)),
-            dict(id=f"ours.stream.video+madvise[{dt}]", group="video", func="ours_stream", kw=dict(dtype=dt, madvise=True)),
         ]
     return cases
 
@@ -682,7 +586,6 @@ def summarize(raw: dict) -> dict:
             for name in ok[0].get("sub", {}):
                 s[f"sub.{name}"] = col(lambda r, n=name: r["sub"][n])
             s["check"] = ok[0].get("check", {})
-            s["madvise"] = ok[0].get("madvise")
             s["loadavg"] = col(lambda r: r["loadavg"])
             s["hwm_reset"] = all(r["hwm_reset"] for r in ok)
         out[cid] = s
@@ -763,15 +666,13 @@ def comparisons(summary: dict, dtypes) -> tuple[list[list[str]], list[list[str]]
             targets.append([f"≥ 3× faster than diffusers ({what})", dt,
                             f"{r:.2f}× ({peer:.2f} s vs {ours:.2f} s; best of each: {rb:.2f}×)",
                             "met" if r >= 3 else "**not met**"])
-        for cid, what in ((f"ours.fuse[{dt}]", "in-place extra peak RSS ≤ 10% of model bytes (ours.fuse)"),
-                          (f"ours.fuse+madvise[{dt}]", "… same, with the madvise fix (experiment)")):
+        for cid, what in ((f"ours.fuse[{dt}]", "in-place extra peak RSS ≤ 10% of model bytes (ours.fuse)"),):
             s = summary.get(cid)
             if s and s["n"]:
                 pct = 100 * _med(s["extra.fuse"]) / s["model_bytes"]
                 targets.append([what, dt, f"{pct:.1f}% ({_gb(_med(s['extra.fuse']))} GB of {_gb(s['model_bytes'])} GB)",
                                 "met" if pct <= 10 else "**not met**"])
-        for cid, what in ((f"ours.stream.video[{dt}]", "streaming merge peak RSS ≤ 1.5 GB (whole process)"),
-                          (f"ours.stream.video+madvise[{dt}]", "… same, with the madvise fix (experiment)")):
+        for cid, what in ((f"ours.stream.video[{dt}]", "streaming merge peak RSS ≤ 1.5 GB (whole process)"),):
             s = summary.get(cid)
             if s and s["n"]:
                 peak, extra = _med(s["peak.stream"]), _med(s["extra.stream"])
@@ -867,7 +768,7 @@ def render(raw: dict, notes_text: str = "", title: str | None = None) -> tuple[s
           "VmRSS just before it; for end-to-end rows the section starts before anything is loaded. The anon / "
           "mmap split comes from a 20 ms sampler thread (approximate; it can miss short transients). "
           "\"CPU s\" = user + system CPU time of the process in the timed section. \"% of model bytes\" divides by the merged model's "
-          "parameter bytes in its dtype. `+madvise` rows are an experiment (see the notes), not the shipped engine.",
+          "parameter bytes in its dtype.",
           "", _table(ROW_HEADER, rows), "",
           "Where the time goes (medians, seconds):", "", breakdown, "",
           "Ratios (medians; > 1 means ours is faster):", "",

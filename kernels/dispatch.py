@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from weightlab.kernels.items import KernelError, MergeItem, check_items
@@ -30,7 +30,7 @@ class MergePlan:
 
 
 def prepare(items: Sequence[MergeItem], *, backend: Backend = "auto", block_m: int = 64, block_n: int = 128,
-            block_r: int = 16, num_warps: int = 4) -> MergePlan:
+            block_r: int = 16, num_warps: int = 4, after: Callable[[MergeItem], None] | None = None) -> MergePlan:
     """Validate ``items`` and build what `MergePlan.run` executes; nothing is written here.
 
     Args:
@@ -38,6 +38,8 @@ def prepare(items: Sequence[MergeItem], *, backend: Backend = "auto", block_m: i
         backend (str): ``"auto"`` (Triton when every tensor is on CUDA and Triton imports, else PyTorch),
             ``"triton"`` or ``"torch"``. Default ``"auto"``.
         block_m, block_n, block_r, num_warps (int): Triton tile shape (rows, cols, rank step ≥ 16) and warps.
+        after (callable | None): PyTorch path only: ``after(item)`` runs as soon as that item is written (the
+            engine drops the memory-mapped pages the item read). Triton reads device memory and never calls it.
 
     Returns:
         MergePlan: call ``.run()``.
@@ -48,14 +50,15 @@ def prepare(items: Sequence[MergeItem], *, backend: Backend = "auto", block_m: i
     dims = check_items(items)
     chosen = _choose(items, backend)
     if chosen == "torch":
-        return MergePlan("torch", lambda: run_reference(items, dims))
+        return MergePlan("torch", lambda: run_reference(items, dims, after))
     from weightlab.kernels.triton_merge import TritonPlan
 
     plan = TritonPlan(items, dims, block_m=block_m, block_n=block_n, block_r=block_r, num_warps=num_warps)
     return MergePlan("triton", plan.run, plan.num_launches)
 
 
-def merge(items: Sequence[MergeItem], *, backend: Backend = "auto") -> None:
+def merge(items: Sequence[MergeItem], *, backend: Backend = "auto",
+          after: Callable[[MergeItem], None] | None = None) -> None:
     """Merge every item in place: ``dst = round_once(base_scale·w0 + Σ s·up@down + Σ a·(W − w0))``.
 
     Accumulates in fp32 in the order given (base, LoRA terms, dense terms) and rounds once, to nearest-even,
@@ -64,6 +67,7 @@ def merge(items: Sequence[MergeItem], *, backend: Backend = "auto") -> None:
     Args:
         items (Sequence[MergeItem]): the weights to merge.
         backend (str): ``"auto"``, ``"triton"`` or ``"torch"`` (see `prepare`). Default ``"auto"``.
+        after (callable | None): called with each item once written, PyTorch path only (see `prepare`).
 
     Raises:
         KernelError, ShapeMismatchError, NonFiniteError: a broken rule, before any write.
@@ -71,7 +75,7 @@ def merge(items: Sequence[MergeItem], *, backend: Backend = "auto") -> None:
     Example:
         >>> merge([MergeItem(dst=lin.weight, w0=w0, loras=[(down, up, 0.5)])])   # doctest: +SKIP
     """
-    prepare(items, backend=backend).run()
+    prepare(items, backend=backend, after=after).run()
 
 
 def triton_available() -> bool:

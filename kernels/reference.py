@@ -3,12 +3,13 @@
 Per weight: an fp32 accumulator on the destination's device starts at ``base_scale·w0``; all LoRA terms go in
 as one ``addmm_`` (factors concatenated along the rank, each scale folded into its ``up`` in fp32); dense terms
 add ``a·(W − w0)``; one ``copy_`` rounds to nearest-even into ``dst`` (an fp32 ``dst`` is the accumulator
-itself). Memory is transient per weight: at most one fp32 copy of a weight, plus its factors.
+itself). Memory: one fp32 accumulator as large as the largest 16-bit weight, reused for every weight of a call
+(a fresh buffer per weight would cost a page fault per 4 KiB each time), plus each weight's factors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -27,18 +28,41 @@ def merge_reference(items: Sequence[MergeItem]) -> None:
     run_reference(items, check_items(items))
 
 
-def run_reference(items: Sequence[MergeItem], dims: Sequence[tuple[int, int]]) -> None:
-    """Merge already-checked items; ``dims`` are their 2-D shapes from `check_items`."""
+def run_reference(items: Sequence[MergeItem], dims: Sequence[tuple[int, int]],
+                  after: Callable[[MergeItem], None] | None = None) -> None:
+    """Merge already-checked items; ``dims`` are their 2-D shapes from `check_items`.
+
+    ``after(item)`` runs as soon as an item is written (the engine drops the file pages it read there).
+    """
+    scratch = _Scratch(items, dims)
     with torch.no_grad():
         for item, (rows, cols) in zip(items, dims):
-            _merge_one(item, rows, cols)
+            _merge_one(item, rows, cols, scratch)
+            if after is not None:
+                after(item)
 
 
-def _merge_one(item: MergeItem, rows: int, cols: int) -> None:
+class _Scratch:
+    """One fp32 accumulator per device, sized for the largest item that needs one."""
+
+    def __init__(self, items: Sequence[MergeItem], dims: Sequence[tuple[int, int]]):
+        self._need: dict[torch.device, int] = {}
+        for item, (rows, cols) in zip(items, dims):
+            if _fp32_matrix(item.dst, rows, cols) is None:
+                self._need[item.dst.device] = max(self._need.get(item.dst.device, 0), rows * cols)
+        self._buffers: dict[torch.device, torch.Tensor] = {}
+
+    def get(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        if device not in self._buffers:
+            self._buffers[device] = torch.empty(self._need[device], dtype=torch.float32, device=device)
+        return self._buffers[device][: rows * cols].view(rows, cols)
+
+
+def _merge_one(item: MergeItem, rows: int, cols: int, scratch: _Scratch) -> None:
     dev = item.dst.device
     acc = _fp32_matrix(item.dst, rows, cols)  # an fp32 dst is its own accumulator: same bits, one pass less
     if acc is None:
-        acc = torch.empty((rows, cols), dtype=torch.float32, device=dev)
+        acc = scratch.get(rows, cols, dev)
     acc.copy_(item.w0.reshape(rows, cols))
     if float(item.base_scale) != 1.0:
         acc.mul_(float(item.base_scale))

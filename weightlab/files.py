@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -303,9 +304,11 @@ def mmap_tensors(path: str | os.PathLike, header: Header | None = None) -> dict:
     """Zero-copy tensors over a private (copy-on-write) memory map of a validated safetensors file.
 
     Pages are read on demand and never written back, so this is the "pristine base" the merge engine
-    reads from: writing into a returned tensor cannot change the file.
+    reads from: writing into a returned tensor cannot change the file. The tensors are read-only by contract:
+    :func:`release_pages` may drop a page a caller wrote, and the next read sees the file's bytes again.
     """
     import mmap
+    import warnings
 
     import torch
 
@@ -315,8 +318,7 @@ def mmap_tensors(path: str | os.PathLike, header: Header | None = None) -> dict:
         return out
     with open(header.path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    import warnings
-
+    start = None
     for name, t in header.tensors.items():
         dtype = getattr(torch, _TORCH_DTYPES[t.dtype])
         if t.end == t.start:
@@ -326,4 +328,37 @@ def mmap_tensors(path: str | os.PathLike, header: Header | None = None) -> dict:
             warnings.simplefilter("ignore")
             flat = torch.frombuffer(mm, dtype=dtype, count=(t.end - t.start) // DTYPE_SIZES[t.dtype], offset=t.start)
         out[name] = flat.view(t.shape)
+        if start is None:
+            start = flat.data_ptr() - t.start
+    if start is not None:  # the tensors keep `mm` alive (buffer export); the weak reference dies with the last one
+        _MAPS.append((start, start + len(mm), weakref.ref(mm)))
     return out
+
+
+_MAPS: list[tuple[int, int, weakref.ref]] = []  # (first address, end address, map) of each map of mmap_tensors
+
+
+def release_pages(*tensors) -> None:
+    """Drop the pages under ``tensors`` from this process's resident set when they view a map of
+    :func:`mmap_tensors`; any other tensor (or None) is ignored.
+
+    Nothing writes those maps, so their pages are clean: ``MADV_DONTNEED`` unmaps them (the page cache keeps
+    them) and a later read maps the same bytes again. Without this, every page a merge reads stays mapped and
+    the process grows by the size of the files read.
+    """
+    import mmap
+
+    for t in tensors:
+        if t is None or t.numel() == 0 or t.device.type != "cpu":
+            continue
+        addr = t.data_ptr()
+        for entry in list(_MAPS):
+            lo, hi, ref = entry
+            mm = ref()
+            if mm is None or mm.closed:  # a dead map: its addresses may belong to something else now
+                _MAPS.remove(entry)
+            elif lo <= addr < hi:
+                first = (addr - lo) - (addr - lo) % mmap.PAGESIZE
+                end = min(addr - lo + t.numel() * t.element_size(), hi - lo)
+                mm.madvise(mmap.MADV_DONTNEED, first, end - first)
+                break

@@ -26,6 +26,7 @@ import torch
 
 from weightlab.errors import (FamilyMismatchError, RecipeError, ShapeMismatchError, UnmatchedKeysError,
                               WeightlabError, fmt_keys)
+from weightlab.files import release_pages
 from weightlab.loading import load
 from weightlab.methods import get_method
 from weightlab.recipe import KIND_ORDER, Recipe
@@ -175,6 +176,11 @@ class Composition:
         return MergeItem(dst=dst, w0=w0, loras=loras, denses=denses, base_scale=base_scale, name=key)
 
 
+def _release(item) -> None:
+    """Once ``item`` is written: drop the memory-mapped pages it read (see `files.release_pages`)."""
+    release_pages(item.w0, *(t for down, up, _ in item.loras for t in (down, up)), *(w for w, _ in item.denses))
+
+
 def resolve_source(source: str) -> Path:
     """A path, or a registry reference (``ns/name@version``, ``ns/name:alias``) resolved to its file."""
     p = Path(source).expanduser()
@@ -272,7 +278,7 @@ class Merger:
         keys = sorted(keys)
         items = [self.composition.item(k, self._params[k].data) for k in keys]
         try:
-            merge(items, backend=self.backend)
+            merge(items, backend=self.backend, after=_release)
         except BaseException:
             self._copy_pristine(keys)
             raise
@@ -281,6 +287,7 @@ class Merger:
         with torch.no_grad():
             for k in keys:
                 self._params[k].data.copy_(self.composition.pristine[k])
+                release_pages(self.composition.pristine[k])
 
     def apply(self) -> "Merger":
         """Write the merged value of every touched tensor."""
@@ -353,7 +360,7 @@ def _stream(recipe: Recipe, out: Path, *, backend: str, progress: bool, resolve:
         writer.begin(_provenance(recipe, base, inputs))
         for key in writer.progress(enabled=progress, desc="merge"):
             dst = torch.empty(shapes[key], dtype=dtype, device=recipe.device)
-            merge([comp.item(key, dst)], backend=backend)
+            merge([comp.item(key, dst)], backend=backend, after=_release)
             writer.write(key, dst)
         output_hash = writer.finish()
     summary = {"path": str(out), "output_hash": output_hash, "seconds": time.perf_counter() - t0,

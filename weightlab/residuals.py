@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 import torch
 
 from weightlab.errors import NonFiniteError, fmt_keys
+from weightlab.files import release_pages
 
 Kind = Literal["base", "style", "image_accel", "motion", "motion_lora"]
 KINDS: tuple[str, ...] = ("base", "style", "image_accel", "motion", "motion_lora")
@@ -47,6 +48,12 @@ class LoRATarget:
         return d.reshape(shape)
 
 
+def _all_finite(v: torch.Tensor) -> bool:
+    """NaN and Inf propagate through a sum, so a finite fp32 sum proves every value finite (several times
+    faster than ``isfinite(v).all()``); a sum that overflows from finite values falls back to the exact test."""
+    return bool(torch.isfinite(v.sum(dtype=torch.float32))) or bool(torch.isfinite(v).all())
+
+
 @dataclass
 class Residual(ABC):
     """Common fields. ``source`` is the file/folder it came from; ``skipped`` lists keys reported under strict=False."""
@@ -68,7 +75,12 @@ class Residual(ABC):
         """UNetMotionModel parameter names this residual writes."""
 
     def check_finite(self) -> None:
-        bad = [k for k, v in self.tensors().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        """Raise `NonFiniteError` naming every tensor with a NaN or Inf (the pages read are released again)."""
+        bad = []
+        for k, v in self.tensors().items():
+            if v.is_floating_point() and not _all_finite(v):
+                bad.append(k)
+            release_pages(v)
         if bad:
             raise NonFiniteError(f"{self.source or self.kind}: NaN/Inf values in {fmt_keys(bad)}. Fix: the file is damaged or was trained into divergence; use another.")
 
