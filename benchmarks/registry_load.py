@@ -2,10 +2,10 @@
 
 32 concurrent clients (threads, one ``weightlab.Client`` each) upload a distinct file and one identical shared
 file, then download another client's file and the shared one, verifying every sha256, while two more clients
-list and search a catalog seeded with 10,000 versions (written directly through the service layer). Afterwards
-the catalog is checked: every upload is registered once, the shared file is one version and one blob, and every
-blob re-hashes to its name. Reports aggregate throughput (MB/s) and p50/p99 latency of list and search, under
-load and idle. Results are printed as a Markdown section for ``benchmarks/RESULTS.md``.
+list and search (a pair every 0.2 s each) a catalog seeded with 10,000 versions (written directly through the
+service layer). Afterwards the catalog is checked: every upload is registered once, the shared file is one
+version and one blob, and every blob re-hashes to its name. Reports aggregate throughput (MB/s) and p50/p99 latency
+of list and search, under load and idle. Results are printed as a Markdown section for ``benchmarks/RESULTS.md``.
 
 Run:
     .venv/bin/python -P benchmarks/registry_load.py                 # 32 clients x (2 up + 2 down) x 24 MB
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import platform
 import random
@@ -77,9 +78,13 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def probe(client, stop: threading.Event, latencies: dict[str, list[float]], rng: random.Random) -> None:
-    """List and search until ``stop``; record each call's latency (seconds)."""
-    while not stop.is_set():
+def probe(client, stop: threading.Event, latencies: dict[str, list[float]], rng: random.Random,
+          interval: float) -> None:
+    """A list and a search every ``interval`` seconds (at once when late) until ``stop``; record each call's latency
+    (seconds). Paced, like users: back-to-back probes would load the server more the faster it answers them."""
+    start = time.perf_counter()
+    while not stop.wait(max(0.0, start - time.perf_counter())):
+        start += interval
         t = time.perf_counter()
         client.search(limit=100, offset=rng.randrange(0, 400))
         latencies["list"].append(time.perf_counter() - t)
@@ -96,6 +101,8 @@ def main() -> None:
     parser.add_argument("--server-workers", type=int, default=2, help="uvicorn processes")
     parser.add_argument("--db", default=None, help="database URL (default: SQLite in the work folder)")
     parser.add_argument("--idle-probes", type=int, default=200)
+    parser.add_argument("--probe-interval", type=float, default=0.2,
+                        help="seconds between the list+search pairs of each of the 2 probing clients under load")
     parser.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
     args = parser.parse_args()
 
@@ -109,6 +116,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="weightlab-load-"))
     home = work / "home"
+    server_log = work / "server.log"
     db_url = args.db or f"sqlite:///{work / 'registry.db'}"
     server = None
     try:
@@ -129,8 +137,8 @@ def main() -> None:
         env = {**os.environ, "WEIGHTLAB_HOME": str(home)}
         server = subprocess.Popen([sys.executable, "-P", "-c", "from weightlab.cli import app; app()", "serve",
                                    "--port", str(port), "--db", db_url, "--workers", str(args.server_workers),
-                                   "--job-workers", "0", "--no-access-log"], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+                                   "--job-workers", "0", "--no-access-log"], env=env,
+                                  stdout=server_log.open("wb"), stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while True:
@@ -180,7 +188,7 @@ def main() -> None:
         latencies: dict[str, list[float]] = {"list": [], "search": []}
         stop = threading.Event()
         probes = [threading.Thread(target=probe, args=(Client(url, token=token, progress=False), stop, latencies,
-                                                        random.Random(k))) for k in range(2)]
+                                                        random.Random(k), args.probe_interval)) for k in range(2)]
         for p in probes:
             p.start()
         t0 = time.perf_counter()
@@ -218,10 +226,11 @@ def main() -> None:
             problems = [p for p in reg.verify().problems if not all(r.startswith("bench") for r in p.versions)]
             blobs = len(list(reg.store.list()))  # the seeded versions are metadata only: their blobs are "missing"
         mb = 1e6
+        stack = ", ".join(name if importlib.util.find_spec(name) else f"no {name}" for name in ("httptools", "uvloop"))
         print(f"\n## Registry web API under load (`benchmarks/registry_load.py`)\n")
         print(f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}, shared with other "
               f"jobs), 24 GB; loopback only; server `weightlab serve --workers {args.server_workers}` "
-              f"(uvicorn, h11), {'SQLite' if db_url.startswith('sqlite') else 'PostgreSQL'}, local blob store; "
+              f"(uvicorn, {stack}), {'SQLite' if db_url.startswith('sqlite') else 'PostgreSQL'}, local blob store; "
               f"clients are threads of one process on the same 2 cores.\n")
         print(f"- Catalog: {args.seed_versions:,} seeded versions ({seed_s:.1f} s through the service layer), "
               f"{n_catalog:,} at the end.")
@@ -231,6 +240,8 @@ def main() -> None:
         print(f"- Aggregate throughput: **{(moved['up'] + moved['down']) / mb / wall:,.0f} MB/s** "
               f"(upload {moved['up'] / mb / wall:,.0f} MB/s + download {moved['down'] / mb / wall:,.0f} MB/s "
               "over the same wall time). Target: >= 300 MB/s.")
+        print(f"- Probes: 2 more clients, each a list and a search every {args.probe_interval:g} s during the "
+              f"transfers; then {args.idle_probes} of each, one after another, with the server idle.")
         print(f"- Failures: {len(errors)}; lost versions: {len(lost)}; the shared file: "
               f"{sum(r.startswith('load/shared') for r in refs)} version; blobs in the store: {blobs}; "
               f"verify of the uploaded blobs: {'ok' if not problems else problems}.")
@@ -246,6 +257,10 @@ def main() -> None:
             print(f"- error: {e}")
         if errors or lost or problems:
             raise SystemExit(1)
+    except BaseException:
+        if server_log.exists():
+            print("\nServer log (end):\n" + server_log.read_text(errors="replace")[-4000:], file=sys.stderr)
+        raise
     finally:
         if server is not None:
             server.kill()

@@ -39,6 +39,7 @@ from weightlab.registry.checkouts import Checkouts
 from weightlab.registry.config import RegistrySettings
 from weightlab.registry.db import ensure_schema, make_engine, transaction
 from weightlab.registry.ingest import Staged, stage
+from weightlab.registry.onnx_artifact import check_residual, describe_onnx, is_onnx_export
 from weightlab.registry.schemas import (BlobProblem, Derivation, FileInfo, GcReport, Kind, LineageNode, Ref,
                                         VerifyReport, VersionCreate, VersionInfo, manifest_digest)
 from weightlab.registry.store import BlobStore, HashMismatchError, open_store
@@ -99,7 +100,8 @@ class Registry:
     def add(self, source: str | os.PathLike, *, name: str | None = None, kind: Kind | None = None,
             tags: Iterable[str] = (), metadata: dict[str, Any] | None = None, sha256: str | None = None,
             revision: str | None = None, lineage: Derivation | None = None, allow_pickle: bool = False,
-            strict: bool = True, exist_ok: bool = True, recorded_source: str | None = None) -> VersionInfo:
+            strict: bool = True, exist_ok: bool = True, recorded_source: str | None = None,
+            sha256_trusted: bool = False) -> VersionInfo:
         """Register a file or folder as the next version of ``name``.
 
         Args:
@@ -108,6 +110,7 @@ class Registry:
             name (str | None): ``ns/name``; default ``local/<file stem>``, or ``<org>/<stem>`` for hub sources.
             kind (str | None): declare the role (``base``, ``style``, ``image_accel``, ``motion``, ``motion_lora``);
                 detected when None. E.g. a full fine-tune declared ``style`` is stored as a dense residual.
+                An ONNX export folder (``weightlab export onnx``) is kind ``onnx``, checked by its manifest.
             tags (Iterable[str], default ()): labels for :meth:`search`.
             metadata (dict | None): free-form JSON stored with the version.
             sha256 (str | None): declared sha256 of the file (or the folder's manifest digest); a mismatch
@@ -121,6 +124,9 @@ class Registry:
                 False raises :class:`DuplicateVersionError`.
             recorded_source (str | None): what to record as the version's source; default the file's resolved
                 path or hub URI (the web API records the uploader's file name instead of its temp file).
+            sha256_trusted (bool, default False): ``source`` lies in the store's ``tmp_dir`` and ``sha256`` was
+                computed from its bytes as they were written there (the web API's received upload): the file is
+                stored without hashing it again.
         Returns:
             VersionInfo: the new (or existing) version.
         """
@@ -128,7 +134,8 @@ class Registry:
             if recorded_source is not None:
                 staged = dataclasses.replace(staged, source=recorded_source)
             ref = Ref.parse_name(name or staged.default_name)
-            files = [self._put(f.path, f.sha256 or (sha256 if not staged.folder else None), f.relpath)
+            trusted = sha256_trusted and not staged.folder
+            files = [self._put(f.path, f.sha256 or (sha256 if not staged.folder else None), f.relpath, trusted=trusted)
                      for f in staged.files]
             new = self._describe(files, staged, kind=kind, tags=tags, metadata=metadata, strict=strict)
             if sha256 is not None and sha256 != new.sha256:
@@ -141,7 +148,7 @@ class Registry:
                 info = crud.version_info(version)
             for f, src in zip(files, staged.files):  # a gc between our blob write and commit may have taken it
                 if not self.store.exists(f.sha256):
-                    self._put(src.path, f.sha256, f.path)
+                    self._put(src.path, f.sha256, f.path, trusted=trusted)
         if not created:
             msg = (f"{info.ref} already holds these tensors (tensor hash {info.tensor_hash[:12]}); nothing added. "
                    "Fix: to register it again, use another name.")
@@ -150,18 +157,21 @@ class Registry:
             log.info(msg)
         return info
 
-    def _put(self, path: Path, sha256: str | None, relpath: str) -> FileInfo:
-        blob = self.store.put(path, sha256=sha256)
+    def _put(self, path: Path, sha256: str | None, relpath: str, *, trusted: bool = False) -> FileInfo:
+        blob = self.store.put(path, sha256=sha256, trusted=trusted)
         return FileInfo(path=relpath, sha256=blob.sha256, size_bytes=blob.size)
 
     def _describe(self, files: list[FileInfo], staged: Staged, *, kind: str | None, tags: Iterable[str],
                   metadata: dict[str, Any] | None, strict: bool) -> VersionCreate:
         """Inspect the stored copy (what was stored is what gets described) and build the version record."""
-        from weightlab.inspect import inspect_path
+        from weightlab.inspect import inspect_path, weights_file
         from weightlab.loading import load
 
         path = self._checkouts.path(files, folder=staged.folder)
-        info = inspect_path(path)
+        if kind == "onnx" or is_onnx_export(path):
+            return self._describe_onnx(path, files, staged, kind=kind, tags=tags, metadata=metadata)
+        weights = weights_file(path).relative_to(path).as_posix() if staged.folder else files[0].path
+        info = inspect_path(path, file_sha256=next((f.sha256 for f in files if f.path == weights), None))
         if info.skipped and strict:
             raise UnmatchedKeysError(
                 f"{staged.source}: {len(info.skipped)} key(s) map to no {info.family} module: {fmt_keys(info.skipped)}. "
@@ -183,6 +193,21 @@ class Registry:
             dtypes=info.dtypes, n_params=info.n_params, n_targets=info.n_targets, config=info.config,
             metadata=metadata or {}, source=staged.source, files=files, tags=list(tags),
         )
+
+    @staticmethod
+    def _describe_onnx(path: Path, files: list[FileInfo], staged: Staged, *, kind: str | None, tags: Iterable[str],
+                       metadata: dict[str, Any] | None) -> VersionCreate:
+        """The version record of an ONNX export folder (checked by its manifest and the ONNX checker)."""
+        if not staged.folder or kind not in (None, "onnx"):
+            what = "a single file" if not staged.folder else f"an ONNX export, so it cannot be registered as {kind!r}"
+            raise RegistryError(f"{staged.source} is {what}. Fix: register the folder `weightlab export onnx` wrote, "
+                                "with kind onnx (or no kind).")
+        summary = describe_onnx(path)
+        return VersionCreate(
+            sha256=manifest_digest(files), tensor_hash=_folder_identity(files), size_bytes=sum(f.size_bytes for f in files),
+            format="onnx", family=summary.family, kind="onnx", representation="graph", dtypes=summary.dtypes,
+            n_params=summary.n_params, n_targets=summary.n_graphs, config=summary.config, metadata=metadata or {},
+            source=staged.source, files=files, tags=list(tags))
 
     def add_lineage(self, ref: str, derivation: Derivation) -> LineageNode:
         """Record how an existing version was produced (once; lineage never changes afterwards).
@@ -206,7 +231,7 @@ class Registry:
         """Every version of ``ns/name``, oldest first."""
         ref = Ref.parse_name(name)
         with transaction(self._engine) as s:
-            return [crud.version_info(v) for v in crud.list_versions(s, namespace=ref.namespace, name=ref.name)]
+            return crud.list_versions(s, namespace=ref.namespace, name=ref.name)
 
     def search(self, *, kind: str | None = None, family: str | None = None, tag: str | None = None,
                text: str | None = None, namespace: str | None = None, all_versions: bool = False,
@@ -224,10 +249,9 @@ class Registry:
             namespaces (Iterable[str] | None): only these namespaces (the web API: those the caller may read).
         """
         with transaction(self._engine) as s:
-            found = crud.search(s, kind=kind, family=family, tag=tag, text=text, namespace=namespace,
-                                all_versions=all_versions, limit=limit, offset=offset,
-                                namespaces=None if namespaces is None else set(namespaces))
-            return [crud.version_info(v) for v in found]
+            return crud.search(s, kind=kind, family=family, tag=tag, text=text, namespace=namespace,
+                               all_versions=all_versions, limit=limit, offset=offset,
+                               namespaces=None if namespaces is None else set(namespaces))
 
     def lineage(self, ref: str, *, depth: int | None = None) -> LineageNode:
         """What ``ref`` was derived from, recursively: relation, recipe, and each input's role and scale."""
@@ -251,6 +275,7 @@ class Registry:
         from weightlab.loading import load
 
         info = self.get(ref)
+        check_residual(info)
         load_kwargs.setdefault("strict", False)
         return load(self._checkouts.path(info.files, folder=info.is_folder), kind=info.kind, **load_kwargs)
 

@@ -57,6 +57,8 @@ class Checkouts:
                     os.symlink(blob, target)
                 except OSError:
                     shutil.copyfile(blob, target)
+            if all((dest / f.path).exists() for f in files):  # another thread or process built it meanwhile
+                return
             if dest.exists():  # stale (a blob was missing): move it aside, then replace it
                 stale = Path(tempfile.mkdtemp(dir=self.root, prefix=".stale-"))
                 os.replace(dest, stale / "old")

@@ -8,12 +8,13 @@ transactions are already serialised), so version numbers, aliases, tags and line
 from __future__ import annotations
 
 import difflib
-from datetime import timezone
+from collections import defaultdict
+from datetime import datetime, timezone
 from typing import Collection, TypeVar
 
-from sqlalchemy import String, and_, cast, func, or_, select
+from sqlalchemy import Select, String, and_, cast, func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.orm import Session
 
 from weightlab.errors import NotFoundError, RegistryError
 from weightlab.registry.models import (Alias, Artifact, Derivation, DerivationInput, Namespace, Version, VersionFile,
@@ -22,8 +23,12 @@ from weightlab.registry.schemas import (LATEST, Derivation as DerivationSpec, Fi
                                         Ref, VersionCreate, VersionInfo, check_label)
 
 M = TypeVar("M", Namespace, Artifact)
-_VERSION_LOAD = (selectinload(Version.files), selectinload(Version.tags), selectinload(Version.aliases),
-                 joinedload(Version.artifact).joinedload(Artifact.namespace))
+# The columns of a VersionInfo, labelled by its field names (lists of versions are read as rows, not ORM objects).
+_INFO_COLUMNS = (Version.id, Namespace.name.label("namespace"), Artifact.name.label("name"), Version.number,
+                 Version.sha256, Version.tensor_hash, Version.size_bytes, Version.format, Version.family, Version.kind,
+                 Version.representation, Version.ranks, Version.alphas, Version.dtypes, Version.n_params,
+                 Version.n_targets, Version.config, Version.meta.label("metadata"), Version.source, Version.created_at)
+_ID_BATCH = 500  # version ids per `IN (...)` when reading the files and labels of many versions
 
 
 def version_ref(version: Version) -> str:
@@ -41,9 +46,46 @@ def version_info(version: Version) -> VersionInfo:
         n_targets=version.n_targets, config=version.config, metadata=version.meta, source=version.source,
         files=[FileInfo(path=f.path, sha256=f.sha256, size_bytes=f.size_bytes, tensor_hash=f.tensor_hash)
                for f in version.files],
-        tags=[t.name for t in version.tags], aliases=[a.name for a in version.aliases],
-        created_at=created if created.tzinfo else created.replace(tzinfo=timezone.utc),
+        tags=[t.name for t in version.tags], aliases=[a.name for a in version.aliases], created_at=_utc(created),
     )
+
+
+def _utc(moment: datetime) -> datetime:
+    """SQLite returns naive datetimes; they were stored in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _versions_query() -> Select:
+    """``SELECT`` of :data:`_INFO_COLUMNS` from versions joined with their artifact and namespace."""
+    return select(*_INFO_COLUMNS).select_from(Version).join(Version.artifact).join(Artifact.namespace)
+
+
+def _version_infos(session: Session, query: Select) -> list[VersionInfo]:
+    """The public view of the versions a :func:`_versions_query` selects, in its order.
+
+    Rows instead of ORM objects, and one query per child table for all of them: a page of 100 versions costs a
+    few milliseconds instead of ~30.
+    """
+    rows = session.execute(query).all()
+    ids = [row.id for row in rows]
+    files: dict[int, list[FileInfo]] = defaultdict(list)
+    tags: dict[int, list[str]] = defaultdict(list)
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for start in range(0, len(ids), _ID_BATCH):
+        batch = ids[start:start + _ID_BATCH]
+        for f in session.execute(select(VersionFile.__table__).where(VersionFile.version_id.in_(batch))
+                                 .order_by(VersionFile.path)):
+            files[f.version_id].append(FileInfo(path=f.path, sha256=f.sha256, size_bytes=f.size_bytes,
+                                                tensor_hash=f.tensor_hash))
+        for version_id, name in session.execute(select(VersionTag.version_id, VersionTag.name)
+                                                .where(VersionTag.version_id.in_(batch)).order_by(VersionTag.name)):
+            tags[version_id].append(name)
+        for version_id, name in session.execute(select(Alias.version_id, Alias.name)
+                                                .where(Alias.version_id.in_(batch)).order_by(Alias.name)):
+            aliases[version_id].append(name)
+    return [VersionInfo.model_validate({
+        **row._mapping, "ref": f"{row.namespace}/{row.name}@{row.number}", "files": files[row.id],
+        "tags": tags[row.id], "aliases": aliases[row.id], "created_at": _utc(row.created_at)}) for row in rows]
 
 
 def _get_or_create(session: Session, model: type[M], **keys) -> M:
@@ -142,17 +184,17 @@ def create_version(session: Session, *, namespace: str, name: str, new: VersionC
     return version, True
 
 
-def list_versions(session: Session, *, namespace: str, name: str) -> list[Version]:
+def list_versions(session: Session, *, namespace: str, name: str) -> list[VersionInfo]:
+    """Every version of the artifact, oldest first."""
     artifact = find_artifact(session, namespace=namespace, name=name)
     if artifact is None:
         raise _not_found(session, Ref(namespace, name))
-    return list(session.scalars(select(Version).where(Version.artifact_id == artifact.id)
-                                .order_by(Version.number).options(*_VERSION_LOAD)))
+    return _version_infos(session, _versions_query().where(Version.artifact_id == artifact.id).order_by(Version.number))
 
 
 def search(session: Session, *, kind: str | None = None, family: str | None = None, tag: str | None = None,
            text: str | None = None, namespace: str | None = None, namespaces: Collection[str] | None = None,
-           all_versions: bool = False, limit: int | None = None, offset: int = 0) -> list[Version]:
+           all_versions: bool = False, limit: int | None = None, offset: int = 0) -> list[VersionInfo]:
     """Versions matching every given filter; by default only the newest matching version of each artifact.
 
     ``text`` matches (case-insensitively) the namespace, the name, the source and the metadata; ``namespaces``
@@ -173,14 +215,14 @@ def search(session: Session, *, kind: str | None = None, family: str | None = No
         pattern = "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         conds.append(or_(*(func.lower(col).like(pattern, escape="\\") for col in
                            (Namespace.name, Artifact.name, Version.source, cast(Version.meta, String)))))
-    q = select(Version).join(Version.artifact).join(Artifact.namespace).where(*conds)
+    q = _versions_query().where(*conds)
     if not all_versions:
         newest = (select(Version.artifact_id, func.max(Version.number).label("number"))
                   .join(Version.artifact).join(Artifact.namespace).where(*conds)
                   .group_by(Version.artifact_id).subquery())
         q = q.join(newest, and_(Version.artifact_id == newest.c.artifact_id, Version.number == newest.c.number))
-    q = q.order_by(Namespace.name, Artifact.name, Version.number).options(*_VERSION_LOAD)
-    return list(session.scalars(q.limit(limit).offset(offset) if limit else q.offset(offset)))
+    q = q.order_by(Namespace.name, Artifact.name, Version.number)
+    return _version_infos(session, q.limit(limit).offset(offset) if limit else q.offset(offset))
 
 
 def set_alias(session: Session, *, version: Version, alias: str) -> None:

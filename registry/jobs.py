@@ -1,5 +1,4 @@
-"""Merge (and, pluggably, export) jobs: queued in the registry's database, run by workers, results registered
-with lineage.
+"""Merge and export jobs: queued in the registry's database, run by workers, results registered with lineage.
 
 The queue is the ``jobs`` table, so any number of workers (threads of ``weightlab serve``, or ``weightlab
 worker`` processes on other machines) can share one PostgreSQL database: a worker claims the oldest queued job
@@ -9,7 +8,8 @@ heartbeat while it works. A running job whose heartbeat is older than the lease 
 
 A job kind is a :class:`Runner`: a pydantic model of its parameters, the namespace its result goes to, the
 registry references it reads, and a function that produces the result as a registered version.
-``merge`` is built in; another module adds a kind with :func:`register_runner`.
+``merge`` is built in; :mod:`weightlab.registry.export_job` adds ``export`` (ONNX); another module adds a kind with
+:func:`register_runner`.
 
 Example:
     >>> spec = JobCreate(kind="merge", params={"recipe": {...}, "output": "team/anim"})   # doctest: +SKIP
@@ -37,7 +37,7 @@ from weightlab.errors import NotFoundError, RegistryError, WeightlabError
 from weightlab.recipe import Recipe
 from weightlab.registry.db import transaction
 from weightlab.registry.models import Job
-from weightlab.registry.schemas import Derivation, Ref, VersionInfo, check_label
+from weightlab.registry.schemas import Derivation, Ref, VersionInfo, check_label, check_registered
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ class JobSpecError(RegistryError):
 
 
 class JobBase(BaseModel):
-    kind: str = Field(description="what to run: merge (more kinds plug in with register_runner)")
-    params: dict[str, Any] = Field(description="the kind's parameters, e.g. for merge: recipe, output, tags, metadata")
+    kind: str = Field(description="what to run: merge or export (more kinds plug in with register_runner)")
+    params: dict[str, Any] = Field(description="the kind's parameters, e.g. for merge: recipe, output, tags, metadata; "
+                                               "for export: source or recipe, output, dtype, opset, verify, tags, metadata")
 
 
 class JobCreate(JobBase):
@@ -73,23 +74,13 @@ class JobPublic(JobBase):
         return self.status in ("succeeded", "failed")
 
 
-class MergeParams(BaseModel):
-    """A merge job: run ``recipe`` (every source a registry reference) and register the output as ``output``."""
+class OutputParams(BaseModel):
+    """What every job kind's parameters share: where the result is registered, and its labels."""
 
     model_config = ConfigDict(extra="forbid")
-    recipe: Recipe
-    output: str = Field(description="ns/name of the merged version")
+    output: str = Field(description="ns/name of the result")
     tags: list[str] = []
     metadata: dict[str, Any] = {}
-
-    @field_validator("recipe")
-    @classmethod
-    def _registered_sources(cls, recipe: Recipe) -> Recipe:
-        for source in (recipe.base, *(t.source for t in recipe.terms)):
-            if not Ref.is_ref(source):
-                raise ValueError(f"recipe source {source!r} is not a registry reference (ns/name[@N|:alias]); the "
-                                 "server merges only registered versions. Fix: add the file first, then name it")
-        return recipe
 
     @field_validator("output")
     @classmethod
@@ -101,6 +92,17 @@ class MergeParams(BaseModel):
     @classmethod
     def _tags(cls, tags: list[str]) -> list[str]:
         return [check_label(t, "tag") for t in tags]
+
+
+class MergeParams(OutputParams):
+    """A merge job: run ``recipe`` (every source a registry reference) and register the output as ``output``."""
+
+    recipe: Recipe
+
+    @field_validator("recipe")
+    @classmethod
+    def _registered_sources(cls, recipe: Recipe) -> Recipe:
+        return check_registered(recipe)
 
 
 @dataclass(frozen=True)
@@ -132,13 +134,25 @@ def register_runner(runner: Runner) -> None:
     RUNNERS[runner.kind] = runner
 
 
-def _run_merge(registry, params: MergeParams, job_id: int) -> VersionInfo:
-    from weightlab.merge import merge_to_file
+def job_dir(registry, job_id: int) -> tempfile.TemporaryDirectory:
+    """A private work folder for one job run, under the store's temp folder (swept by gc if the worker dies)."""
+    registry.store.tmp_dir.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=registry.store.tmp_dir, prefix=f"job-{job_id}-")
 
-    registry.store.tmp_dir.mkdir(parents=True, exist_ok=True)  # swept by gc if this worker dies mid-merge
-    with tempfile.TemporaryDirectory(dir=registry.store.tmp_dir, prefix=f"job-{job_id}-") as tmp:
-        out = Path(tmp) / f"{Ref.parse_name(params.output).name}.safetensors"
-        merge_to_file(params.recipe, out, progress=False, resolve=registry.path)  # registry references only
+
+def _run_merge(registry, params: MergeParams, job_id: int) -> VersionInfo:
+    """A video merge (a motion term) becomes a diffusers UNetMotionModel folder, what generate and export read;
+    any other merge one ``.safetensors`` file."""
+    from weightlab.merge import merge_to_file, merge_to_folder
+
+    video = any(t.kind == "motion" for t in params.recipe.terms)
+    with job_dir(registry, job_id) as tmp:
+        out = Path(tmp) / Ref.parse_name(params.output).name
+        if video:
+            merge_to_folder(params.recipe, out, progress=False, resolve=registry.path)  # registry references only
+        else:
+            out = out.with_name(out.name + ".safetensors")
+            merge_to_file(params.recipe, out, progress=False, resolve=registry.path)
         return registry.add(out, name=params.output, kind="base", tags=params.tags,
                             metadata={**params.metadata, "recipe_hash": params.recipe.hash, "job": job_id},
                             lineage=Derivation.from_merged_file(out), recorded_source=f"job:{job_id}")
@@ -164,6 +178,8 @@ def parse(spec: JobBase) -> tuple[Runner, BaseModel]:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in e.errors())
         raise JobSpecError(f"invalid {spec.kind} job parameters: {problems}.") from None
+    except RegistryError as e:  # raised by a validator's own check (a reference, a label): not a ValueError
+        raise JobSpecError(f"invalid {spec.kind} job parameters: {e}") from None
 
 
 def _utc(when: datetime | None) -> datetime | None:
@@ -316,3 +332,6 @@ class Worker:
                 log.exception("worker %s: cannot claim a job", self.name)
             self.wake.wait(self.poll_seconds)
             self.wake.clear()
+
+
+from weightlab.registry import export_job  # noqa: E402,F401  registers the `export` kind (it imports this module)

@@ -1,10 +1,11 @@
 """An S3-compatible :class:`~weightlab.registry.store.BlobStore` (``--store s3://BUCKET[/PREFIX]``), through boto3.
 
 Blobs are objects ``PREFIX/sha256/<2 hex>/<62 hex>``. A put copies the file into a local temp file while hashing
-it (so what is uploaded is exactly what was hashed), then uploads it to its final key: S3 makes an object
-visible only when its upload completes, so readers never see half a blob; an interrupted multipart upload leaves
-only invisible parts, which :meth:`S3BlobStore.sweep_temp` aborts. Writing an existing blob again freshens its
-``LastModified`` (a copy onto itself), which :meth:`Registry.gc`'s grace period relies on.
+it (so what is uploaded is exactly what was hashed; an upload the web API received and hashed is sent as it is),
+then uploads it to its final key: S3 makes an object visible only when its upload completes, so readers never
+see half a blob; an interrupted multipart upload leaves only invisible parts, which :meth:`S3BlobStore.sweep_temp`
+aborts. Writing an existing blob again freshens its ``LastModified`` (a copy onto itself), which
+:meth:`Registry.gc`'s grace period relies on.
 
 Credentials, region and endpoint come from the usual AWS settings: ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, and ``AWS_ENDPOINT_URL_S3`` for an S3-compatible server
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from weightlab.errors import NotFoundError, RegistryError
-from weightlab.registry.store import _CHUNK, _HEX64, BlobStat, BlobStore, HashMismatchError, check_digest, sweep_folder
+from weightlab.registry.store import (_CHUNK, _HEX64, BlobStat, BlobStore, HashMismatchError, check_digest, inside,
+                                      sweep_folder)
 
 
 class S3BlobStore(BlobStore):
@@ -64,7 +66,10 @@ class S3BlobStore(BlobStore):
         check_digest(sha256)
         return f"{self.prefix}sha256/{sha256[:2]}/{sha256[2:]}"
 
-    def put(self, src, *, sha256=None) -> BlobStat:
+    def put(self, src, *, sha256=None, trusted=False) -> BlobStat:
+        """See :meth:`BlobStore.put`. A trusted file (an upload the web API received) is sent as it is, uncopied."""
+        if trusted and sha256 is not None and inside(src, self.tmp_dir):
+            return self._upload(src, sha256, os.stat(src).st_size)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="put-", suffix=".part")
         try:
@@ -80,15 +85,19 @@ class S3BlobStore(BlobStore):
                 raise HashMismatchError(
                     f"{src}: content sha256 is {digest}, but {sha256} was declared. The file is corrupt, "
                     "incomplete, or not the one you meant. Fix: re-download it, or correct the declared hash.")
-            key = self._key(digest)
-            if self.stat(digest) is not None:  # freshen LastModified: gc's grace period covers the coming commit
-                self._client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
-                                         MetadataDirective="REPLACE", Metadata={"sha256": digest})
-            else:
-                self._client.upload_file(tmp, self.bucket, key, ExtraArgs={"Metadata": {"sha256": digest}})
-            return BlobStat(digest, size, datetime.now(timezone.utc).timestamp())
+            return self._upload(tmp, digest, size)
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def _upload(self, path: str | os.PathLike, digest: str, size: int) -> BlobStat:
+        """Upload ``path`` as the blob ``digest``, or freshen the object if the bucket already holds it."""
+        key = self._key(digest)
+        if self.stat(digest) is not None:  # freshen LastModified: gc's grace period covers the coming commit
+            self._client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                                     MetadataDirective="REPLACE", Metadata={"sha256": digest})
+        else:
+            self._client.upload_file(str(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": digest}})
+        return BlobStat(digest, size, datetime.now(timezone.utc).timestamp())
 
     def stat(self, sha256):
         from botocore.exceptions import ClientError

@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from weightlab.errors import RegistryError
 
-KINDS = ("base", "style", "image_accel", "motion", "motion_lora")
-Kind = Literal["base", "style", "image_accel", "motion", "motion_lora"]
+KINDS = ("base", "style", "image_accel", "motion", "motion_lora", "onnx")
+Kind = Literal["base", "style", "image_accel", "motion", "motion_lora", "onnx"]  # onnx: an export folder, not a residual
+FOLDER_FORMATS = ("diffusers", "onnx")
 Relation = Literal["merged_from", "trained_from", "exported_from"]
 LATEST = "latest"
 
@@ -40,6 +41,15 @@ def check_label(value: str, what: str) -> str:
         raise RegistryError(f"invalid {what} {value!r}: use a letter, then letters, digits, '.', '_' or '-' "
                             "(at most 100 characters).")
     return value
+
+
+def check_registered(recipe: Any) -> Any:
+    """Raise ValueError unless every source of ``recipe`` (base and terms) is a registry reference."""
+    for source in (recipe.base, *(t.source for t in recipe.terms)):
+        if not Ref.is_ref(source):
+            raise ValueError(f"recipe source {source!r} is not a registry reference (ns/name[@N|:alias]); the "
+                             "server merges only registered versions. Fix: add the file first, then name it")
+    return recipe
 
 
 @dataclass(frozen=True)
@@ -181,7 +191,7 @@ class VersionInfo(BaseModel):
 
     @property
     def is_folder(self) -> bool:
-        return self.format == "diffusers"
+        return self.format in FOLDER_FORMATS
 
 
 class LineageInput(BaseModel):

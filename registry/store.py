@@ -57,12 +57,15 @@ class BlobStore(ABC):
     tmp_dir: Path
 
     @abstractmethod
-    def put(self, src: str | os.PathLike, *, sha256: str | None = None) -> BlobStat:
+    def put(self, src: str | os.PathLike, *, sha256: str | None = None, trusted: bool = False) -> BlobStat:
         """Store the file at ``src``; returns its digest and size.
 
         Args:
             src (str | PathLike): file to copy in (streamed, hashed while copying).
             sha256 (str | None, default None): declared digest; a mismatch raises and stores nothing.
+            trusted (bool, default False): ``src`` lies in ``tmp_dir`` and the caller hashed it into ``sha256`` as it
+                wrote it (an upload the web API received): it is stored without hashing it again. Ignored for a
+                file elsewhere or without ``sha256``.
         Raises:
             HashMismatchError: the content does not match ``sha256``.
         """
@@ -116,7 +119,7 @@ class LocalBlobStore(BlobStore):
         check_digest(sha256)
         return self._objects / sha256[:2] / sha256[2:]
 
-    def put(self, src, *, sha256=None) -> BlobStat:
+    def put(self, src, *, sha256=None, trusted=False) -> BlobStat:
         """See :meth:`BlobStore.put`. A file already inside ``tmp_dir`` (an upload the web API received) is
         hard-linked instead of copied: only the registry writes there, so it cannot change under us."""
         self._tmp.mkdir(parents=True, exist_ok=True)
@@ -124,15 +127,20 @@ class LocalBlobStore(BlobStore):
         try:
             h = hashlib.sha256()
             size = 0
-            if self._tmp.resolve() in Path(src).resolve().parents:
+            received = inside(src, self._tmp)
+            prehashed = received and trusted and sha256 is not None
+            if received:
                 os.close(fd)
                 os.unlink(tmp)
                 os.link(src, tmp)
                 fd = os.open(tmp, os.O_RDONLY)
                 with os.fdopen(fd, "rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        h.update(chunk)
-                        size += len(chunk)
+                    if prehashed:
+                        size = os.fstat(f.fileno()).st_size
+                    else:
+                        while chunk := f.read(_CHUNK):
+                            h.update(chunk)
+                            size += len(chunk)
                     os.fsync(f.fileno())
             else:
                 with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
@@ -142,7 +150,7 @@ class LocalBlobStore(BlobStore):
                         size += len(chunk)
                     fout.flush()
                     os.fsync(fout.fileno())
-            digest = h.hexdigest()
+            digest = sha256 if prehashed else h.hexdigest()
             if sha256 is not None and digest != sha256:
                 raise HashMismatchError(
                     f"{src}: content sha256 is {digest}, but {sha256} was declared. The file is corrupt, "
@@ -210,6 +218,11 @@ class LocalBlobStore(BlobStore):
 
     def sweep_temp(self, *, older_than):
         return sweep_folder(self._tmp, older_than=older_than)
+
+
+def inside(path: str | os.PathLike, folder: Path) -> bool:
+    """Whether ``path`` lies somewhere under ``folder`` (links resolved)."""
+    return folder.resolve() in Path(path).resolve().parents
 
 
 def sweep_folder(folder: Path, *, older_than: float) -> int:

@@ -17,10 +17,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one torch
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """The tiny model family, built once per test worker."""
+    """The tiny model family, built once per run and shared by the xdist workers: its paths are part of every
+    recipe hash, so exports shared between workers (tests/video) only match when the paths are the same too."""
+    from filelock import FileLock
+
     from weightlab.testing import build_tiny_family
 
-    return build_tiny_family(tmp_path_factory.mktemp("tiny"))
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, never across runs
+    with FileLock(str(root / "tiny.lock")):
+        return build_tiny_family(root / "tiny")
 
 
 def _skip_pg(reason: str):

@@ -4,7 +4,7 @@ Code written against ``Registry`` works against a ``Client``: the same methods, 
 (:class:`~weightlab.registry.schemas.VersionInfo`, :class:`~weightlab.registry.schemas.LineageNode`, ...) and
 errors (the server's error type and message are raised again here). ``add`` prepares the file locally, exactly
 as ``Registry.add`` does (a pickle is converted with ``allow_pickle``, ``hf://`` sources come through the
-local Hugging Face cache), then streams it to the server, which validates and stores it.
+local Hugging Face cache), then streams it to the server (a folder as one tar stream), which validates and stores it.
 ``path`` and ``open`` download the version's files into a local content-addressed cache
 (``$WEIGHTLAB_HOME/remote/<server>/``), resuming interrupted downloads with HTTP Range and verifying every
 sha256. Uploads and downloads show progress bars on a terminal.
@@ -37,9 +37,12 @@ from weightlab.registry.api import DuplicateVersionError
 from weightlab.registry.auth import AuthenticationError, PermissionDeniedError, Scope, TokenCreate, TokenCreated
 from weightlab.registry.checkouts import Checkouts
 from weightlab.registry.config import RegistrySettings
+from weightlab.registry import folder_tar
 from weightlab.registry.ingest import stage
 from weightlab.registry.jobs import JobCreate, JobPublic, JobSpecError
-from weightlab.registry.schemas import Derivation, GcReport, Kind, LineageNode, Ref, VerifyReport, VersionInfo
+from weightlab.registry.onnx_artifact import check_residual
+from weightlab.registry.schemas import (Derivation, FileInfo, GcReport, Kind, LineageNode, Ref, VerifyReport, VersionInfo,
+                                        manifest_digest)
 from weightlab.registry.store import HashMismatchError, LocalBlobStore
 
 TOKEN_ENV = "WEIGHTLAB_TOKEN"
@@ -112,35 +115,44 @@ class Client:
             tags: Iterable[str] = (), metadata: dict[str, Any] | None = None, sha256: str | None = None,
             revision: str | None = None, lineage: Derivation | None = None, allow_pickle: bool = False,
             strict: bool = True, exist_ok: bool = True) -> VersionInfo:
-        """Upload a file as the next version of ``name`` (see :meth:`Registry.add` for the arguments).
+        """Upload a file or folder as the next version of ``name`` (see :meth:`Registry.add` for the arguments).
 
-        The file is hashed here (unless ``sha256`` is given), streamed, re-hashed by the server as it arrives and
-        validated like a local ``add``; a refused upload stores nothing.
-
-        Raises:
-            RegistryError: ``source`` is a folder (folder versions are added on the server's host).
+        Every file is hashed here (unless its sha256 is known), streamed (a folder as one tar stream), re-hashed by
+        the server as it arrives and validated like a local ``add``; a refused upload stores nothing.
         """
         with stage(source, revision=revision, allow_pickle=allow_pickle) as staged:
-            if staged.folder:
-                raise RegistryError(f"{staged.source}: folder versions cannot be uploaded through the web API. Fix: "
-                                    "run `weightlab add` on the server's host, or upload the weights file alone.")
             ref = Ref.parse_name(name or staged.default_name)
-            f = staged.files[0]
-            digest = f.sha256 or sha256 or file_sha256(f.path)
-            size = f.path.stat().st_size
-            params: dict[str, Any] = {"sha256": digest, "filename": f.relpath, "tag": list(tags),
-                                      "source": staged.source, "strict": strict, "exist_ok": exist_ok}
+            params: dict[str, Any] = {"tag": list(tags), "source": staged.source, "strict": strict,
+                                      "exist_ok": exist_ok}
             if kind is not None:
                 params["kind"] = kind
             if metadata:
                 params["metadata"] = json.dumps(metadata)
             if lineage is not None:
                 params["lineage"] = lineage.model_dump_json(exclude_none=True)
-            with self._progress(size, f"upload {f.relpath}") as bar:
-                r = self._request("POST", f"/artifacts/{ref.namespace}/{ref.name}/versions", params=params,
-                                  content=_read_chunks(f.path, bar), headers={"content-length": str(size),
-                                                                             "content-type": "application/octet-stream"})
+            upload = self._upload_folder if staged.folder else self._upload_file
+            r = upload(f"/artifacts/{ref.namespace}/{ref.name}", staged, params, sha256)
         return VersionInfo.model_validate_json(r.content)
+
+    def _upload_file(self, artifact: str, staged, params: dict[str, Any], sha256: str | None) -> httpx.Response:
+        f = staged.files[0]
+        size = f.path.stat().st_size
+        params = {**params, "sha256": f.sha256 or sha256 or file_sha256(f.path), "filename": f.relpath}
+        with self._progress(size, f"upload {f.relpath}") as bar:
+            return self._request("POST", f"{artifact}/versions", params=params, content=_read_chunks(f.path, bar),
+                                 headers={"content-length": str(size), "content-type": "application/octet-stream"})
+
+    def _upload_folder(self, artifact: str, staged, params: dict[str, Any], sha256: str | None) -> httpx.Response:
+        """One tar stream; ``sha256`` (the folder's manifest digest) is checked by the server when given."""
+        files = [(f.path, f.relpath, f.sha256 or file_sha256(f.path)) for f in staged.files]
+        listing = [FileInfo(path=rel, sha256=sha, size_bytes=path.stat().st_size) for path, rel, sha in files]
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(staged.source).name).strip("-.") or "folder"
+        params = {**params, "sha256": sha256 or manifest_digest(listing), "folder": folder[:100]}
+        size = folder_tar.tar_size(files)
+        with self._progress(size, f"upload {folder}/") as bar:
+            return self._request("POST", f"{artifact}/folders", params=params,
+                                 content=_counted(folder_tar.tar_chunks(files), bar),
+                                 headers={"content-length": str(size), "content-type": "application/x-tar"})
 
     def add_lineage(self, ref: str, derivation: Derivation) -> LineageNode:
         """Record how an existing version was produced (once)."""
@@ -196,6 +208,7 @@ class Client:
         from weightlab.loading import load
 
         info = self.get(ref)
+        check_residual(info)
         load_kwargs.setdefault("strict", False)
         return load(self.path(info.ref), kind=info.kind, **load_kwargs)
 
@@ -301,13 +314,19 @@ class Client:
     # -- the server's own resources -------------------------------------------------------------------------
 
     def submit_job(self, kind: str, params: dict[str, Any]) -> JobPublic:
-        """Queue a job, e.g. ``submit_job("merge", {"recipe": recipe.model_dump(), "output": "team/anim"})``."""
+        """Queue a job, e.g. ``submit_job("merge", {"recipe": recipe.model_dump(), "output": "team/anim"})`` or
+        ``submit_job("export", {"source": "team/anim@1", "output": "team/anim-onnx", "dtype": "float16"})``."""
         r = self._request("POST", "/jobs", content=JobCreate(kind=kind, params=params).model_dump_json(),
                           headers={"content-type": "application/json"})
         return JobPublic.model_validate_json(r.content)
 
     def job(self, job_id: int) -> JobPublic:
         return JobPublic.model_validate_json(self._request("GET", f"/jobs/{job_id}").content)
+
+    def jobs(self, *, status: str | None = None, limit: int = 100) -> list[JobPublic]:
+        """Jobs whose results go to namespaces the token may read, newest first."""
+        params: dict[str, Any] = {"limit": limit} | ({"status": status} if status else {})
+        return [JobPublic.model_validate(j) for j in self._request("GET", "/jobs", params=params).json()]
 
     def wait_job(self, job_id: int, *, timeout: float = 600.0, poll: float = 0.5) -> JobPublic:
         """Poll until the job succeeded or failed.
@@ -349,6 +368,12 @@ def _version_path(ref: str) -> str:
     else:
         selector = ":" + r.alias if r.alias and r.alias != "latest" else "latest"
     return f"/artifacts/{r.namespace}/{r.name}/versions/{_segment(selector)}"
+
+
+def _counted(chunks: Iterator[bytes], bar) -> Iterator[bytes]:
+    for chunk in chunks:
+        bar.update(len(chunk))
+        yield chunk
 
 
 def _read_chunks(path: Path, bar) -> Iterator[bytes]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from weightlab.files import file_sha256, sniff, tensor_hash
+from weightlab.files import file_sha256 as sha256_of, sniff, tensor_hash
 from weightlab.loading import PICKLE_WEIGHT_FILES, WEIGHT_FILES, load
 from weightlab.residuals import LoRA
 
@@ -43,8 +43,14 @@ def weights_file(path: Path) -> Path:
     return folder
 
 
-def inspect_path(path: str | Path, *, allow_pickle: bool = False) -> Inspection:
+def inspect_path(path: str | Path, *, allow_pickle: bool = False, file_sha256: str | None = None) -> Inspection:
     """Inspect a file or diffusers folder (lenient: unmatched keys are listed in ``skipped``, not raised).
+
+    Args:
+        path (str | Path): a weight file or a diffusers folder.
+        allow_pickle (bool, default False): read pickle checkpoints (in a child process).
+        file_sha256 (str | None, default None): the weights file's sha256 when the caller already knows it
+            (the registry, for a stored blob); default hashed here.
 
     Example:
         >>> inspect_path("style.safetensors").ranks   # doctest: +SKIP
@@ -63,6 +69,6 @@ def inspect_path(path: str | Path, *, allow_pickle: bool = False) -> Inspection:
         n_targets=len(res.targets) if isinstance(res, LoRA) else len(tensors),
         dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         n_params=sum(t.numel() for t in tensors.values()), size_bytes=wfile.stat().st_size,
-        file_sha256=file_sha256(wfile), tensor_hash=tensor_hash(wfile, header) if is_st else None,
+        file_sha256=file_sha256 or sha256_of(wfile), tensor_hash=tensor_hash(wfile, header) if is_st else None,
         weights_file=str(wfile), config=getattr(res, "config", None) or None, skipped=res.skipped,
     )

@@ -250,3 +250,34 @@ def build_tiny_family(root: str | Path, seed: int = 0, *, force: bool = False) -
 
     stamp.write_text(json.dumps(want))
     return fam
+
+
+def build_onnx_stub(folder: str | Path) -> Path:
+    """A minimal ONNX export folder for registry tests (seconds, not the minute a real export of the tiny family
+    takes): ``manifest.json`` and ``unet/model.onnx`` + ``model.onnx.data``, one Conv whose weight is named like
+    the SD1.5 UNet's ``conv_in.weight``. It passes the registry's checks; it is not a model to sample with.
+    """
+    import hashlib
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    unet = Path(folder) / "unet"
+    unet.mkdir(parents=True, exist_ok=True)
+    weight = numpy_helper.from_array(np.arange(4 * 4 * 3 * 3, dtype=np.float32).reshape(4, 4, 3, 3) / 100,
+                                     "conv_in.weight")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["sample", "conv_in.weight"], ["noise_pred"], pads=[1, 1, 1, 1])], "unet",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        [helper.make_tensor_value_info("noise_pred", TensorProto.FLOAT, ["batch", 4, 8, 8])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save_model(model, str(unet / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)
+    manifest = {"format": "weightlab.onnx", "version": 1, "dtype": "float32", "opset": 18, "pipeline": {},
+                "models": {"unet": {"graph": "unet/model.onnx", "data": "unet/model.onnx.data",
+                                    "graph_sha256": hashlib.sha256((unet / "model.onnx").read_bytes()).hexdigest(),
+                                    "inputs": {"sample": ["batch", 4, 8, 8]}, "outputs": {"noise_pred": ["batch", 4, 8, 8]},
+                                    "constants": []}}}
+    (Path(folder) / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return Path(folder)

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import threading
 from contextlib import asynccontextmanager
 
@@ -104,3 +105,21 @@ def create_app(settings: ServerSettings | None = None, *, registry: Registry | N
         api.include_router(router)
     app.include_router(api)
     return app
+
+
+def create_server_app() -> FastAPI:
+    """The app of one ``weightlab serve`` process (settings from the environment), ready before its first request.
+
+    What uploads need is loaded now, not by the first uploads in several threads at once: the loaders (torch,
+    diffusers) and each family's key tables (built from a full-size UNet on the meta device, ~1 s). Then everything
+    loaded so far is exempted from garbage collection (``gc.freeze``): a full collection otherwise walks torch's
+    objects, ~100 ms during which the request that triggered it (a list, a search) waits.
+    """
+    import weightlab.inspect  # noqa: F401
+    from weightlab.families import FAMILIES
+
+    for family in FAMILIES.values():
+        family.kohya_names  # noqa: B018  (a cached property: builds the tables it depends on)
+    gc.collect()
+    gc.freeze()
+    return create_app()

@@ -1,7 +1,9 @@
 """Moving bytes: request bodies streamed to disk while hashed, and blobs streamed out with HTTP Range.
 
 Uploads land in a fresh folder under the store's ``tmp_dir`` (swept by ``gc`` if the server dies mid-upload),
-written in large chunks on a worker thread so the event loop keeps serving other requests. Downloads honour a
+written in large chunks on a worker thread so the event loop keeps serving other requests. CPU-heavy work
+(hashing and inspecting uploads) runs on :func:`run_bulk`'s threads, which on Linux have a lower priority: when
+the cores are busy, a list or search is answered first instead of queueing behind bulk hashing. Downloads honour a
 single ``Range: bytes=...`` (206, or 416 when it starts past the end); ``If-Range`` with another validator, a
 malformed range or several ranges get the whole blob (200), as RFC 9110 allows. Blobs never change, so the
 sha256 is a strong ETag.
@@ -9,13 +11,19 @@ sha256 is a strong ETag.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
+import os
 import re
 import shutil
+import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import quote
 
 import anyio
@@ -26,7 +34,26 @@ from weightlab.errors import RegistryError
 from weightlab.registry.store import BlobStore
 
 CHUNK = 4 * 1024 * 1024
+BULK_NICE = 10  # nice value of the bulk threads (Linux): ~1/10 of the CPU share of a normal thread when cores are busy
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+T = TypeVar("T")
+
+
+def _lower_priority() -> None:
+    if sys.platform == "linux":  # the nice value is per thread there; elsewhere it would lower the whole server
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICE)
+
+
+_BULK = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="weightlab-bulk",
+                           initializer=_lower_priority)
+
+
+async def run_bulk(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on a low-priority bulk thread, awaited even if the request is cancelled meanwhile
+    (as ``anyio.to_thread.run_sync`` does), so that cleanup never runs under a thread still using the files."""
+    future = asyncio.get_running_loop().run_in_executor(_BULK, functools.partial(fn, *args, **kwargs))
+    with anyio.CancelScope(shield=True):
+        return await future
 
 
 class UploadTooLargeError(RegistryError):
@@ -53,7 +80,8 @@ def _too_large(limit: int) -> UploadTooLargeError:
                                "operator to raise WEIGHTLAB_MAX_UPLOAD_BYTES, or upload a smaller file.")
 
 
-def _write(f: BinaryIO, h, data: bytearray) -> None:
+def _write(f: BinaryIO, h, chunks: list[bytes]) -> None:
+    data = b"".join(chunks)  # one copy, here: growing a buffer on the event loop copies each byte several times
     h.update(data)
     f.write(data)
 
@@ -69,17 +97,19 @@ async def receive(request: Request, dest: Path, *, max_bytes: int) -> tuple[str,
         raise _too_large(max_bytes)
     h = hashlib.sha256()
     size = 0
-    buf = bytearray()
+    chunks: list[bytes] = []
+    buffered = 0
     with open(dest, "wb") as f:
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_bytes:
                 raise _too_large(max_bytes)
-            buf += chunk
-            if len(buf) >= CHUNK:
-                data, buf = buf, bytearray()
-                await anyio.to_thread.run_sync(_write, f, h, data)
-        await anyio.to_thread.run_sync(_write, f, h, buf)
+            chunks.append(chunk)
+            buffered += len(chunk)
+            if buffered >= CHUNK:
+                await run_bulk(_write, f, h, chunks)
+                chunks, buffered = [], 0
+        await run_bulk(_write, f, h, chunks)
     return h.hexdigest(), size
 
 

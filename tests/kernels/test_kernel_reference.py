@@ -53,3 +53,25 @@ def test_sources_unchanged():
     merge([item], backend="torch")
     after = (item.w0, item.loras[0][0], item.loras[0][1], item.denses[0][0])
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_row_blocks_give_the_bits_of_one_block(dtype, monkeypatch):
+    from weightlab.kernels import reference
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(37, 5, 3, 3, generator=g).to(dtype)
+    dense = (w0.float() + 0.01 * torch.randn(w0.shape, generator=g)).to(dtype)
+    down, up = torch.randn(16, 45, generator=g).to(dtype), torch.randn(37, 16, generator=g).to(dtype)
+
+    def run():
+        dst = torch.empty_like(w0)
+        reference.merge_reference([MergeItem(dst=dst, w0=w0, loras=[(down, up, 0.7)], denses=[(dense, 0.3)],
+                                             base_scale=0.9)])
+        return dst
+
+    whole = run()
+    expected = 0.9 * w0.float() + 0.7 * (up.float() @ down.float()).view(w0.shape) + 0.3 * (dense.float() - w0.float())
+    torch.testing.assert_close(whole.float(), expected, rtol=1e-2, atol=1e-2)  # one 16-bit rounding
+    monkeypatch.setattr(reference, "BLOCK_BYTES", 4 * 45 * 8)  # 8 rows per block, the last one partial
+    assert torch.equal(run(), whole)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,6 +42,34 @@ def test_declared_hash_mismatch_stores_nothing(tmp_path, tiny):
     with pytest.raises(HashMismatchError, match="was declared"):
         store.put(tiny.style_lora_kohya, sha256="f" * 64)
     assert list(store.list()) == [] and list((tmp_path / "blobs" / "tmp").iterdir()) == []
+
+
+def test_trusted_put_skips_hashing_only_for_a_received_file(tmp_path, tiny, monkeypatch):
+    store = LocalBlobStore(tmp_path / "blobs")
+    digest = file_sha256(tiny.style_lora_kohya)
+    with pytest.raises(HashMismatchError):  # outside tmp_dir, trust is not given: the file is hashed
+        store.put(tiny.style_lora_kohya, sha256="f" * 64, trusted=True)
+    received = store.tmp_dir / "upload-1" / "model.safetensors"
+    received.parent.mkdir(parents=True)
+    received.write_bytes(tiny.style_lora_kohya.read_bytes())
+    class NoHashing:
+        def update(self, data):
+            raise AssertionError("a trusted file was hashed again")
+
+    monkeypatch.setattr("weightlab.registry.store.hashlib", SimpleNamespace(sha256=NoHashing))
+    blob = store.put(received, sha256=digest, trusted=True)
+    assert blob.sha256 == digest and blob.size == received.stat().st_size
+    assert store.local_path(digest).read_bytes() == received.read_bytes()
+
+
+def test_concurrent_builds_of_a_checkout_keep_the_first(sqlite_reg, tiny):
+    """A builder that finds the checkout complete once its own copy is ready leaves it alone: replacing it would
+    pull the files from under a reader (an upload being inspected) that the first builder already returned to."""
+    v = sqlite_reg.add(tiny.style_lora_kohya, name="me/style")
+    first = sqlite_reg.path(v.ref)
+    before = first.parent.stat().st_ino
+    sqlite_reg._checkouts._build(first.parent, v.files)  # a second builder that looked before the first finished
+    assert first.parent.stat().st_ino == before and first.is_file()
 
 
 def test_store_errors(tmp_path):

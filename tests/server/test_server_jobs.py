@@ -63,7 +63,7 @@ def test_job_refusals(serve, sqlite_url, tiny):
         ("merge", {"recipe": _recipe(), "output": "me/x@2"}, "without @version"),
         ("merge", {"recipe": _recipe(), "output": "me/x", "extra": 1}, "extra"),
         ("merge", {"output": "me/x"}, "recipe: Field required"),
-        ("mine-bitcoin", {}, "unknown job kind 'mine-bitcoin'. Fix: use one of merge"),
+        ("mine-bitcoin", {}, "unknown job kind 'mine-bitcoin'. Fix: use one of export, merge"),
         ("merge", {"recipe": _recipe(), "output": "secret/x"}, "does not allow write on namespace 'secret'"),
         ("merge", {"recipe": _recipe(style="secret/style@1"), "output": "me/x"}, "does not allow read"),
     ):

@@ -13,6 +13,11 @@ from schemathesis.checks import not_a_server_error
 
 from weightlab.registry.server.app import create_app
 
+@schemathesis.serializer("application/x-tar")  # folder uploads: random bytes, sent as they are
+def _tar(ctx, value) -> dict:
+    return {"data": value if isinstance(value, bytes) else str(value).encode()}
+
+
 SCHEMA = schemathesis.openapi.from_dict(create_app().openapi())  # the schema only: no database is opened
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))

@@ -18,7 +18,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-COMMAND_MODULES = ("inspect", "merge", "registry", "train", "serve", "generate", "export")
+COMMAND_MODULES = ("inspect", "merge", "registry", "train", "serve", "generate", "export", "jobs")
 
 
 def _register() -> None:

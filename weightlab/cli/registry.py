@@ -95,7 +95,7 @@ def _add(source: str, name: Optional[str], kind: Optional[str], tags: list[str],
         console.print(message, highlight=False)
 
 
-_KIND = typer.Option(None, "--kind", help="Declare the role: base, style, image_accel, motion, motion_lora (detected if omitted).")
+_KIND = typer.Option(None, "--kind", help="Declare the role: base, style, image_accel, motion, motion_lora, onnx (detected if omitted).")
 _TAG = typer.Option([], "--tag", "-t", help="Tag (repeatable).")
 _META = typer.Option([], "--meta", help="Metadata KEY=VALUE (repeatable).")
 _META_JSON = typer.Option(None, "--metadata-json", help="Metadata as a JSON object.")

@@ -56,7 +56,7 @@ def serve_cmd(
         _registry(settings.db_url, settings.blob_store_url).close()  # fail early; creates a fresh database's schema
     err_console.print(f"weightlab registry on http://{host}:{port} (docs: /docs), database "
                       f"{_redacted(settings.db_url)}, store {settings.blob_store_url}", highlight=False)
-    config = uvicorn.Config("weightlab.registry.server.app:create_app", factory=True, host=host, port=port,
+    config = uvicorn.Config("weightlab.registry.server.app:create_server_app", factory=True, host=host, port=port,
                             workers=workers, log_level="info", access_log=access_log, timeout_graceful_shutdown=10)
     if workers == 1:
         uvicorn.Server(config).run()

@@ -155,10 +155,11 @@ async def upload_version(
                 raise DuplicateVersionError(f"{existing.ref} already holds these tensors (tensor hash "
                                             f"{existing.tensor_hash[:12]}); nothing added. Fix: to register it "
                                             "again, use another name.", existing)
-            await run_in_threadpool(_check_before_storing, path, kind=kind, strict=strict)
-            return await run_in_threadpool(
+            await transfer.run_bulk(_check_before_storing, path, kind=kind, strict=strict)
+            return await transfer.run_bulk(
                 registry.add, path, name=f"{namespace}/{name}", kind=kind, tags=tags, metadata=meta, sha256=digest,
-                strict=strict, lineage=derivation, exist_ok=False, recorded_source=source or f"upload:{filename}")
+                sha256_trusted=True, strict=strict, lineage=derivation, exist_ok=False,
+                recorded_source=source or f"upload:{filename}")
         except DuplicateVersionError as e:
             if not exist_ok:
                 raise
