@@ -6,19 +6,16 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from weightlab.errors import WeightlabError
 from weightlab.registry import folder_tar
-from weightlab.registry.api import DuplicateVersionError
 from weightlab.registry.ingest import stage
 from weightlab.registry.onnx_artifact import describe_onnx, is_onnx_export
 from weightlab.registry.schemas import Kind, VersionInfo, check_label, manifest_digest
 from weightlab.registry.server import transfer
 from weightlab.registry.server.deps import (NAME_PATTERN, SHA256_PATTERN, AccessDep, NamePath, RegistryDep, SettingsDep,
                                             WriteNamespace)
-from weightlab.registry.server.routes.versions import _derivation, _holding, _metadata
+from weightlab.registry.server.routes.versions import _derivation, _metadata, register_received
 from weightlab.registry.store import HashMismatchError
 
 router = APIRouter(tags=["versions"])
@@ -93,21 +90,7 @@ async def upload_folder(
             raise HashMismatchError(f"the folder's files ({len(files)}) have manifest digest {digest}, but sha256="
                                     f"{sha256} was declared; nothing was stored. Fix: declare the digest of exactly "
                                     "the files you send (weightlab.Client.add(folder) does).")
-        try:
-            existing = None if derivation else await run_in_threadpool(_holding, registry, f"{namespace}/{name}", digest)
-            if existing is not None:  # the same folder again: the same outcome, cheaper
-                raise DuplicateVersionError(f"{existing.ref} already holds this folder (tensor hash "
-                                            f"{existing.tensor_hash[:12]}); nothing added. Fix: to register it "
-                                            "again, use another name.", existing)
-            await run_in_threadpool(_check_before_storing, root, kind=kind, strict=strict)
-            return await run_in_threadpool(
-                registry.add, root, name=f"{namespace}/{name}", kind=kind, tags=tags, metadata=meta, sha256=digest,
-                strict=strict, lineage=derivation, exist_ok=False, recorded_source=source or f"upload:{folder}/")
-        except DuplicateVersionError as e:
-            if not exist_ok:
-                raise
-            response.status_code = 200
-            return e.version
-        except WeightlabError as e:  # name the uploaded folder, not the server's temp folder
-            e.args = (str(e).replace(str(root), folder),)
-            raise
+        return await register_received(
+            registry, response, root, shown=folder, check=_check_before_storing, name=f"{namespace}/{name}",
+            digest=digest, trusted=False, kind=kind, tags=tags, metadata=meta, lineage=derivation, strict=strict,
+            exist_ok=exist_ok, recorded_source=source or f"upload:{folder}/")

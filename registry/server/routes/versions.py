@@ -6,7 +6,6 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect
 
@@ -149,22 +148,33 @@ async def upload_version(
             raise HashMismatchError(f"the uploaded bytes hash to {digest}, but sha256={sha256} was declared; nothing "
                                     "was stored. Fix: upload again (the transfer was corrupted), or declare the "
                                     "file's real sha256.")
-        try:
-            existing = None if derivation else await run_in_threadpool(_holding, registry, f"{namespace}/{name}", digest)
-            if existing is not None:  # the same file again (a retry, or many clients): the same outcome, cheaper
-                raise DuplicateVersionError(f"{existing.ref} already holds these tensors (tensor hash "
-                                            f"{existing.tensor_hash[:12]}); nothing added. Fix: to register it "
-                                            "again, use another name.", existing)
-            await transfer.run_bulk(_check_before_storing, path, kind=kind, strict=strict)
-            return await transfer.run_bulk(
-                registry.add, path, name=f"{namespace}/{name}", kind=kind, tags=tags, metadata=meta, sha256=digest,
-                sha256_trusted=True, strict=strict, lineage=derivation, exist_ok=False,
-                recorded_source=source or f"upload:{filename}")
-        except DuplicateVersionError as e:
-            if not exist_ok:
-                raise
-            response.status_code = 200
-            return e.version
-        except WeightlabError as e:  # name the uploaded file, not the server's temp file
-            e.args = (str(e).replace(str(path), filename),)
+        return await register_received(
+            registry, response, path, shown=filename, check=_check_before_storing, name=f"{namespace}/{name}",
+            digest=digest, trusted=True, kind=kind, tags=tags, metadata=meta, lineage=derivation, strict=strict,
+            exist_ok=exist_ok, recorded_source=source or f"upload:{filename}")
+
+
+async def register_received(registry, response: Response, path, *, shown: str, check, name: str, digest: str,
+                            trusted: bool, kind, tags, metadata, lineage, strict: bool, exist_ok: bool,
+                            recorded_source: str) -> VersionInfo:
+    """Register an upload the server has received and hash-checked at ``path`` (a file or folder), on the bulk
+    threads: an identical earlier upload is answered as it is; ``check`` refuses bad content before anything is
+    stored; errors name ``shown`` (what the client sent), not the server's temp path."""
+    try:
+        existing = None if lineage else await transfer.run_bulk(_holding, registry, name, digest)
+        if existing is not None:  # the same content again (a retry, or many clients): the same outcome, cheaper
+            raise DuplicateVersionError(f"{existing.ref} already holds these tensors (tensor hash "
+                                        f"{existing.tensor_hash[:12]}); nothing added. Fix: to register it "
+                                        "again, use another name.", existing)
+        await transfer.run_bulk(check, path, kind=kind, strict=strict)
+        return await transfer.run_bulk(
+            registry.add, path, name=name, kind=kind, tags=tags, metadata=metadata, sha256=digest,
+            sha256_trusted=trusted, strict=strict, lineage=lineage, exist_ok=False, recorded_source=recorded_source)
+    except DuplicateVersionError as e:
+        if not exist_ok:
             raise
+        response.status_code = 200
+        return e.version
+    except WeightlabError as e:
+        e.args = (str(e).replace(str(path), shown),)
+        raise
