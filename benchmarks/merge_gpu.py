@@ -12,8 +12,12 @@ Residual sets (random weights, real configs): as in benchmarks/merge_cpu.py, the
 LCM-LoRA (alpha 8) over the 14 LCM target types plus a rank-32 style LoRA (scale 0.8) on attention; the SD1.5
 MotionAdapter with every parameter written and γ = 0.8 on each proj_out (weight and bias), plus (not in the CPU
 benchmark) a rank-32 motion LoRA on its attention.
-Times are CUDA-event medians after warm-up; bandwidth counts each byte read or written once (dst, w0, factors)
-and is compared with a device-to-device copy measured in the same run.
+Timing, the same for every row (ours and the peers): ``--warmup`` untimed runs of each, then ``--repeats`` (>= 10)
+timed runs, interleaved across the rows compared; each run is wall clock between two ``torch.cuda.synchronize()``
+calls (a peer's untimed set-up, e.g. ``unfuse_lora``, runs before the first sync). Shown: median [min–max]; ratios
+are medians of the per-repeat ratios. Bandwidth counts each byte read or written once (dst, w0, factors); every
+kernel row is interleaved with a device-to-device copy of the same number of bytes (half read, half written) and
+reported as % of that copy's bandwidth.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
 from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
 
 TILES = ((64, 128, 16, 4), (128, 128, 16, 8), (64, 256, 16, 8), (128, 128, 32, 8), (128, 256, 16, 16))  # m,n,r,warps
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -36,13 +43,24 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="markdown file the table is written to")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--interpret", action="store_true", help="run the kernel under TRITON_INTERPRET=1 (CPU)")
-    ap.add_argument("--iters", type=int, default=50, help="timed repetitions per measurement")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 20 on cuda, "
+                    "2 in the CPU smoke run; at least 10 on cuda)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed runs of every measured thing first")
     args = ap.parse_args()
     if args.interpret:  # must precede the kernel module's import
         os.environ["TRITON_INTERPRET"] = "1"
     if args.device == "cpu" and not args.interpret:
         ap.error("--device cpu needs --interpret (the kernel only runs on CPU under the interpreter)")
-    bench = Bench(args.device, tiny=args.device == "cpu", iters=args.iters if args.device == "cuda" else 1)
+    repeats = args.repeats or (20 if args.device == "cuda" else 2)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("merge_gpu.py needs CUDA: torch sees no GPU here. For a CPU smoke run of the same code paths "
+                     "(timings meaningless) use --device cpu --interpret.")
+        if repeats < 10:
+            ap.error("--repeats must be >= 10 on cuda")
+    bench = Bench(args.device, tiny=args.device == "cpu", iters=repeats, warmup=args.warmup)
     try:
         bench.run_all()
     finally:
@@ -52,13 +70,13 @@ def main() -> None:
 class Bench:
     """Runs every section and collects one markdown table."""
 
-    def __init__(self, device: str, *, tiny: bool, iters: int):
+    def __init__(self, device: str, *, tiny: bool, iters: int, warmup: int):
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
         self.tiny = tiny
-        self.iters = iters
+        self.iters, self.warmup = iters, warmup
         self.rows: list[tuple[str, str, str]] = []
         torch.backends.cuda.matmul.allow_tf32 = False  # the PyTorch path must be an fp32 reference
         torch.manual_seed(0)
@@ -79,8 +97,9 @@ class Bench:
 
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
         head = [f"# merge_gpu.py — {name}", "",
-                f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, triton "
-                f"{triton.__version__}, python {platform.python_version()}"
+                f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {H.machine()}; torch {torch.__version__}, "
+                f"triton {triton.__version__}, python {platform.python_version()}; {self.warmup} warm-up + "
+                f"{self.iters} timed runs per row, wall clock between torch.cuda.synchronize() calls, interleaved"
                 + ("; TRITON_INTERPRET=1 smoke run, tiny model: timings mean nothing" if self.tiny else ""), "",
                 "| measurement | value | note |", "|---|---:|---|"]
         lines = head + [f"| {w} | {v} | {n} |" for w, v, n in self.rows]
@@ -89,38 +108,42 @@ class Bench:
         print(f"wrote {path}")
 
     # -- timing ------------------------------------------------------------------------------------------
-    def time_ms(self, fn, *, iters: int | None = None, warmup: int = 3) -> float:
-        """Median milliseconds of ``fn()``: CUDA events on a GPU, wall clock otherwise."""
-        torch, iters = self.torch, iters or self.iters
-        for _ in range(0 if self.tiny else warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+    def timed(self, fns: dict, setups: dict | None = None) -> dict[str, list[float]]:
+        """Milliseconds of every ``fns[name]()``, all timed alike: ``self.warmup`` untimed runs of each, then
+        ``self.iters`` rounds, each running every fn once (interleaved); a run is wall clock between two device
+        syncs, after its untimed ``setups[name]()``."""
+        setups = setups or {}
+        for _ in range(0 if self.tiny else self.warmup):
+            for name, fn in fns.items():
+                setups.get(name, lambda: None)()
                 fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
+        times = {name: [] for name in fns}
+        for _ in range(self.iters):
+            for name, fn in fns.items():
+                setups.get(name, lambda: None)()
+                self.sync()
                 t = time.perf_counter()
                 fn()
-                times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
+                self.sync()
+                times[name].append((time.perf_counter() - t) * 1e3)
+        return times
 
-    def wall_ms(self, fn, *, reps: int = 3, setup=None) -> float:
-        """Median wall-clock milliseconds of ``fn()`` including a device sync (for host-heavy peers)."""
-        times = []
-        for _ in range(reps):
-            if setup is not None:
-                setup()
-            self.sync()
-            t = time.perf_counter()
-            fn()
-            self.sync()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
+    def copy_of(self, nbytes: int):
+        """A device-to-device copy that reads and writes ``nbytes`` in all (``nbytes // 2`` each way)."""
+        n = nbytes // 2
+        src = self.torch.empty(n, dtype=self.torch.uint8, device=self.device)
+        dst = self.torch.empty(n, dtype=self.torch.uint8, device=self.device)
+        return lambda: dst.copy_(src)
+
+    def vs_copy(self, what: str, fn, moved: int, note: str) -> list[float]:
+        """Time ``fn`` interleaved with a copy of the same bytes; one row; the kernel's times."""
+        t = self.timed({"kernel": fn, "copy": self.copy_of(moved)})
+        pct = H.ratios(t["copy"], t["kernel"])
+        self.row(what, H.mr(t["kernel"], "{:.3f}") + " ms",
+                 f"{moved / H.med(t['kernel']) / 1e6:,.0f} GB/s = {H.mr([100 * x for x in pct], '{:.0f}')} % of a "
+                 f"copy of the same bytes (copy {H.mr(t['copy'], '{:.3f}')} ms, "
+                 f"{moved / H.med(t['copy']) / 1e6:,.0f} GB/s); {note}")
+        return t["kernel"]
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -136,10 +159,9 @@ class Bench:
                      f"{torch.cuda.get_device_properties(self.device).multi_processor_count} SMs")
         self.row("versions", f"torch {torch.__version__}", f"triton {triton.__version__}")
         self.conformance()
-        copy_gbs = self.copy_bandwidth()
-        best = self.unet_section(copy_gbs)
-        self.motion_section(copy_gbs, best)
-        self.peers()
+        best = self.unet_section()
+        self.motion_section(best)
+        self.peers(best)
 
     def conformance(self) -> None:
         """Every conformance case (plus full-size ones on a GPU), kernel vs the PyTorch path, native dtypes."""
@@ -166,18 +188,7 @@ class Bench:
             self.row(f"conformance {_dt(dtype)}: {len(cases)} cases vs PyTorch path", verdict,
                      "; ".join([f"{differ}/{total} elements differ (allowed: rounding within ε)", *problems[:3]]))
 
-    def copy_bandwidth(self) -> float:
-        """GB/s of a device-to-device copy of the UNet's fp16 size, counting bytes read + written."""
-        torch = self.torch
-        n = (20 if self.tiny else 1720) * 2**20
-        src, dst = torch.empty(n, dtype=torch.uint8, device=self.device), torch.empty(n, dtype=torch.uint8,
-                                                                                        device=self.device)
-        ms = self.time_ms(lambda: dst.copy_(src))
-        gbs = 2 * n / ms / 1e6
-        self.row("device-to-device copy", f"{gbs:,.0f} GB/s", f"{n / 2**20:.0f} MiB in {ms:.3f} ms")
-        return gbs
-
-    def unet_section(self, copy_gbs: float) -> tuple[int, int, int, int]:
+    def unet_section(self) -> tuple[int, int, int, int]:
         """SD1.5 UNet LoRA set: tile sweep (fp16), determinism, then bf16 and fp32 with the best tiles."""
         torch = self.torch
         from weightlab.kernels import prepare
@@ -186,18 +197,15 @@ class Bench:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             unet, items = self.unet_items(dtype)
             moved = _bytes_moved(items)
-            floor = moved / copy_gbs / 1e6
             tiles = (TILES if dtype == torch.float16 and not self.tiny else (best,))
             for tile in tiles:
                 plan = prepare(items, backend="triton", **_tile_kw(tile))
-                ms = self.time_ms(plan.run)
+                ms = H.med(self.vs_copy(f"UNet {_dt(dtype)} kernel, tiles {'x'.join(map(str, tile))}", plan.run, moved,
+                                        f"{plan.num_launches} launch(es), {len(items)} weights, "
+                                        f"{moved / 1e9:.2f} GB moved"))
                 if ms < best_ms and dtype == torch.float16:
                     best, best_ms = tile, ms
-                self.row(f"UNet {_dt(dtype)} kernel, tiles {'x'.join(map(str, tile))}", f"{ms:.3f} ms",
-                         f"{moved / ms / 1e6:,.0f} GB/s = {floor / ms:.0%} of copy; {plan.num_launches} launch(es), "
-                         f"{len(items)} weights, {moved / 1e9:.2f} GB moved")
             if dtype == torch.float16:
-                self.unet_fp16_ms = best_ms
                 self.fp16_extras(items, _tile_kw(best))
             del unet, items, plan
         return best
@@ -208,15 +216,15 @@ class Bench:
 
         plan = prepare(items, backend="triton", **tile_kw)
         self.determinism(items, plan, tile_kw)
-        self.row("UNet fp16 host prepare (validate + work tables)",
-                 f"{self.wall_ms(lambda: prepare(items, backend='triton', **tile_kw)):.1f} ms")
-        self.row("UNet fp16 merge() end to end (prepare + kernel)", f"{self.wall_ms(lambda: merge(items)):.1f} ms",
+        t = self.timed({"prepare": lambda: prepare(items, backend="triton", **tile_kw),
+                        "merge": lambda: merge(items), "torch": lambda: merge(items, backend="torch")})
+        self.row("UNet fp16 host prepare (validate + work tables)", H.mr(t["prepare"], "{:.1f}") + " ms")
+        self.row("UNet fp16 merge() end to end (prepare + kernel)", H.mr(t["merge"], "{:.1f}") + " ms",
                  "default tiles; what the engine pays per re-merge")
+        self.row("UNet fp16 PyTorch path on this device", H.mr(t["torch"], "{:.1f}") + " ms",
+                 "backend='torch' (the reference), same items")
         if self.device.type == "cuda":
             self.graph_replay(plan)
-        torch_ms = self.wall_ms(lambda: merge(items, backend="torch"))
-        self.row("UNet fp16 PyTorch path on this device", f"{torch_ms:.1f} ms",
-                 "backend='torch' (the reference), same items")
 
     def determinism(self, items, plan, tile_kw: dict) -> None:
         torch = self.torch
@@ -243,62 +251,72 @@ class Bench:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             plan.run()
-        self.row("UNet fp16 kernel as CUDA graph replay", f"{self.time_ms(graph.replay):.3f} ms",
+        t = self.timed({"graph": graph.replay})["graph"]
+        self.row("UNet fp16 kernel as CUDA graph replay", H.mr(t, "{:.3f}") + " ms",
                  f"{plan.num_launches} launch(es) captured")
 
-    def motion_section(self, copy_gbs: float, tile) -> None:
+    def motion_section(self, tile) -> None:
         torch = self.torch
         from weightlab.kernels import prepare
 
         for dtype in (torch.float16, torch.bfloat16):
             adapter, items = self.motion_items(dtype)
             plan = prepare(items, backend="triton", **_tile_kw(tile))
-            ms = self.time_ms(plan.run)
             moved = _bytes_moved(items)
-            self.row(f"MotionAdapter {_dt(dtype)} kernel", f"{ms:.3f} ms",
-                     f"{moved / ms / 1e6:,.0f} GB/s = {moved / copy_gbs / 1e6 / ms:.0%} of copy; "
-                     f"{plan.num_launches} launch(es), {len(items)} tensors")
+            self.vs_copy(f"MotionAdapter {_dt(dtype)} kernel", plan.run, moved,
+                         f"{plan.num_launches} launch(es), {len(items)} tensors")
             del adapter, items, plan
 
-    def peers(self) -> None:
-        """diffusers `fuse_lora` and PEFT `merge_and_unload` on the same UNet LoRA set, fp16, this device."""
+    def peers(self, tile) -> None:
+        """diffusers `fuse_lora` and PEFT `merge_and_unload` on the same UNet LoRA set (fp16, this device), each on
+        its own UNet, interleaved with ours (``merge()`` end to end, and the kernel alone) and timed the same way."""
         torch = self.torch
         from peft import LoraConfig
+        from weightlab.kernels import merge, prepare
         from weightlab.testing import LCM_LORA_TARGETS
 
         (r1, alpha), r2 = ((8, 4.0), 4) if self.tiny else ((64, 8.0), 32)
         cfgs = {"lcm": LoraConfig(r=r1, lora_alpha=alpha, target_modules=list(LCM_LORA_TARGETS),
                                   init_lora_weights=False),
                 "style": LoraConfig(r=r2, lora_alpha=r2, target_modules=list(ATTENTION), init_lora_weights=False)}
-        unet = self.build_unet(torch.float16)
+        _, items = self.unet_items(torch.float16)
+        plan = prepare(items, backend="triton", **_tile_kw(tile))
+        fns = {"ours merge()": lambda: merge(items), "ours kernel": plan.run}
+        setups = {}
         try:
+            unet = self.build_unet(torch.float16)
             for name, cfg in cfgs.items():
                 unet.add_adapter(cfg, adapter_name=name)
             unet.set_adapters(list(cfgs), weights=[1.0, 0.8])
-            ms = self.wall_ms(lambda: unet.fuse_lora(adapter_names=list(cfgs)), setup=unet.unfuse_lora)
-            unet.unfuse_lora()
-            self._peer_row("diffusers fuse_lora (same LoRA set)", ms)
-            unet.unload_lora()
+            fns["diffusers fuse_lora"] = lambda: unet.fuse_lora(adapter_names=list(cfgs))
+            setups["diffusers fuse_lora"] = unet.unfuse_lora
+            fns["diffusers fuse_lora"]()  # fails here, untimed, if the peer's API drifted
         except Exception as e:  # a peer's API drift is a result to report, not a reason to lose the table
+            fns.pop("diffusers fuse_lora", None)
             self.row("diffusers fuse_lora", "failed", f"{type(e).__name__}: {e}")
         try:
             from peft.tuners.lora import LoraModel
 
-            holder = {}
+            peft_unet, holder = self.build_unet(torch.float16), {}
 
             def inject():
-                holder["model"] = LoraModel(unet, dict(cfgs), "lcm")
-                holder["model"].inject_adapter(unet, "style")
-                self.sync()
+                holder["model"] = LoraModel(peft_unet, dict(cfgs), "lcm")
+                holder["model"].inject_adapter(peft_unet, "style")
 
-            ms = self.wall_ms(lambda: holder["model"].merge_and_unload(adapter_names=list(cfgs)), setup=inject)
-            self._peer_row("PEFT merge_and_unload (same LoRA set)", ms)
+            fns["PEFT merge_and_unload"] = lambda: holder["model"].merge_and_unload(adapter_names=list(cfgs))
+            setups["PEFT merge_and_unload"] = inject
+            inject()
+            fns["PEFT merge_and_unload"]()
         except Exception as e:
+            fns.pop("PEFT merge_and_unload", None)
             self.row("PEFT merge_and_unload", "failed", f"{type(e).__name__}: {e}")
-
-    def _peer_row(self, what: str, ms: float) -> None:
-        ours = getattr(self, "unet_fp16_ms", None)
-        self.row(what, f"{ms:.1f} ms", f"ours (kernel) is {ms / ours:,.1f}× faster" if ours else "")
+        t = self.timed(fns, setups)
+        for name in ("ours merge()", "ours kernel"):
+            self.row(f"UNet fp16, {name} (interleaved with the peers)", H.mr(t[name], "{:.3f}") + " ms")
+        for name in [k for k in fns if not k.startswith("ours")]:
+            self.row(f"{name} (same LoRA set)", H.mr(t[name], "{:.1f}") + " ms",
+                     f"per repeat, ours merge() is {H.mr(H.ratios(t[name], t['ours merge()']), '{:,.1f}')}× faster, "
+                     f"the kernel alone {H.mr(H.ratios(t[name], t['ours kernel']), '{:,.1f}')}×")
 
     # -- models and residual sets ------------------------------------------------------------------------
     def build_unet(self, dtype):

@@ -7,18 +7,19 @@ embeddings repeated per frame (no CFG, as AnimateLCM samples). The issue's size 
 
 Measured: the export (``weightlab.onnx_export.export_unet``: torch.export + ONNX translation + external-data write
 + verification against PyTorch), the graph and data file sizes, ONNX Runtime session creation, then per framework
-one untimed warm-up step and ``--repeats`` timed steps, interleaved (torch, ort, torch, ort...). Both flush
-denormals (torch.set_flush_denormal / ORT session.set_denormal_as_zero), both use torch's thread count.
+one untimed warm-up step and ``--repeats`` (>= 3) timed steps, interleaved (torch, ort, torch, ort...); the ratio is
+the median of the per-repeat ratios, with its range. Both flush denormals (torch.set_flush_denormal / ORT
+session.set_denormal_as_zero), both use torch's thread count, both compute in fp32 on the same input.
 
 ONNX Runtime's CPU attention is the exported MatMul-Softmax-MatMul, which materialises the full score matrix:
 at 64x64 latents that is frames x 8 heads x 4096^2 fp32 values (8.6 GB for 16 frames, twice over with the
 softmax), so on small machines run smaller latents or fewer frames and say so (the script records the sizes).
 
-Usage:
-    .venv/bin/python benchmarks/sample_cpu.py                         # 16 frames, 64x64 latents, full width
-    .venv/bin/python benchmarks/sample_cpu.py --frames 16 --latent 32 # what fits a 24 GB machine
-    .venv/bin/python benchmarks/sample_cpu.py --tiny                  # tiny widths, seconds (smoke test)
-    add --results benchmarks/RESULTS.md to append a section there
+Usage (take the benchmark lock: flock -x /tmp/weightlab_cpu.lock ...):
+    .venv/bin/python -P benchmarks/sample_cpu.py                         # 16 frames, 64x64 latents, full width
+    .venv/bin/python -P benchmarks/sample_cpu.py --base-channels 160 --frames 16 --latent 32   # fits 2 cores, 24 GB
+    .venv/bin/python -P benchmarks/sample_cpu.py --tiny                  # tiny widths, seconds (smoke test)
+    add --results benchmarks/RESULTS.md to write (replace) this benchmark's section there
 """
 
 from __future__ import annotations
@@ -26,15 +27,18 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import shutil
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+SECTION = "## Video UNet denoising step on CPU: PyTorch eager vs ONNX Runtime (`benchmarks/sample_cpu.py`)"
 
 
 def build_model(base_channels: int, seed: int = 0):
@@ -56,25 +60,20 @@ def build_model(base_channels: int, seed: int = 0):
     return UNetMotionModel.from_unet2d(unet, adapter).eval().requires_grad_(False)
 
 
-def rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1e6
-    return float("nan")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--latent", type=int, default=64, help="latent height = width (64 = 512 px)")
     ap.add_argument("--base-channels", type=int, default=320, help="320 = SD1.5 width; smaller scales every block")
     ap.add_argument("--tiny", action="store_true", help="smoke test: --base-channels 16 --frames 4 --latent 16")
-    ap.add_argument("--repeats", type=int, default=1, help="timed steps per framework (after one warm-up)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per framework (after one warm-up), >= 3")
     ap.add_argument("--work", type=Path, default=None, help="where the export goes (a temp folder by default)")
     ap.add_argument("--keep", action="store_true", help="keep the export")
-    ap.add_argument("--results", type=Path, default=None, help="append a Markdown section to this file")
+    ap.add_argument("--notes", type=Path, default=None, help="Markdown appended to the section")
+    ap.add_argument("--results", type=Path, default=None, help="write (replace) this benchmark's section here")
     args = ap.parse_args()
+    if args.repeats < 3:
+        ap.error("--repeats must be >= 3: no ratio rests on fewer timed steps")
     if args.tiny:
         args.base_channels, args.frames, args.latent = 16, 4, 16
 
@@ -134,43 +133,44 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
             print(f"{name} step: {times[name][-1]:.2f} s", flush=True)
     diff = float((outs["pytorch"] - outs["onnxruntime"]).abs().max())
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["pytorch"] / med["onnxruntime"]
-    peak = rss_gb()
-    print(f"median step: pytorch {med['pytorch']:.2f} s, onnxruntime {med['onnxruntime']:.2f} s, "
-          f"ORT speed-up {ratio:.2f}x; max |diff| {diff:.2e}; peak RSS {peak:.1f} GB", flush=True)
+    per = H.ratios(times["pytorch"], times["onnxruntime"])  # interleaved: repeat i of each ran back to back
+    peak = H.peak_rss_gb()
+    print(f"steps: pytorch {H.mr(times['pytorch'])} s, onnxruntime {H.mr(times['onnxruntime'])} s; ORT speed-up per "
+          f"repeat {H.mr(per)}x; max |diff| {diff:.2e}; peak RSS {peak:.1f} GB", flush=True)
 
     if args.results:
         full = args.base_channels == 320
         size = f"{args.frames}x{args.latent}x{args.latent} latents"
         lines = [
-            f"\n## Video UNet denoising step on CPU: PyTorch eager vs ONNX Runtime (`benchmarks/sample_cpu.py`)\n",
-            f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}, shared with other jobs), "
-            f"no GPU; {time.strftime('%Y-%m-%d')}. torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"onnxruntime {ort.__version__} (CPUExecutionProvider, same thread count), numpy {np.__version__}.\n",
+            SECTION, "",
+            f"Run {H.now()}. Machine: {H.machine()}. torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"onnxruntime {ort.__version__} (CPUExecutionProvider, same thread count, no spinning), numpy "
+            f"{np.__version__}.", "",
             f"Model: {'full-size SD1.5' if full else f'SD1.5 layout at {args.base_channels}/320 width'} UNetMotionModel "
-            f"(UNet + AnimateDiff motion module, {params / 1e6:.0f} M parameters), random weights, fp32. "
-            f"Input: {size}, batch 1 (no CFG), 77-token prompt embeddings per frame, t = 999. "
-            f"One warm-up step each, then {args.repeats} timed step(s) each, interleaved; median shown.\n",
+            f"(UNet + AnimateDiff motion module, {params / 1e6:.0f} M parameters), random weights, fp32 on both sides. "
+            f"Input: {size}, batch 1 (no CFG), 77-token prompt embeddings per frame, t = 999. One untimed warm-up step "
+            f"each, then {args.repeats} timed steps each, interleaved (PyTorch, ONNX Runtime, PyTorch, ...); "
+            "median [min–max].", "",
             "| measure | value |", "|---|---|",
-            f"| export (torch.export + ONNX translation + save) | {entry['export_seconds']:.1f} s |",
-            f"| export incl. verification vs PyTorch | {export_s:.1f} s (max abs err {check['max_abs_err']:.2e}, "
+            f"| export (torch.export + ONNX translation + save), 1 run | {entry['export_seconds']:.1f} s |",
+            f"| export incl. verification vs PyTorch, 1 run | {export_s:.1f} s (max abs err {check['max_abs_err']:.2e}, "
             f"rel {check['max_rel_err']:.2e}) |",
             f"| files | graph {graph_mb:.1f} MB + external data {data_mb:.1f} MB |",
-            f"| ONNX Runtime session creation | {session_s:.1f} s |",
-            f"| PyTorch eager, one step at {size} | {med['pytorch']:.2f} s |",
-            f"| ONNX Runtime CPU, one step at {size} | {med['onnxruntime']:.2f} s |",
-            f"| ONNX Runtime speed-up over PyTorch | {ratio:.2f}x |",
+            f"| ONNX Runtime session creation, 1 run | {session_s:.1f} s |",
+            f"| PyTorch eager, one step at {size} | {H.mr(times['pytorch'])} s |",
+            f"| ONNX Runtime CPU, one step at {size} | {H.mr(times['onnxruntime'])} s |",
+            f"| **ONNX Runtime speed-up over PyTorch** (per-repeat ratios) | **{H.mr(per)}x** |",
             f"| max abs difference of the two outputs | {diff:.2e} |",
             f"| peak RSS of the process | {peak:.1f} GB |",
         ]
         if not (full and args.frames == 16 and args.latent == 64):
-            lines.append(f"\nNot the issue's size (full-size model, 16x64x64): this run used "
-                         f"{'full width' if full else f'width {args.base_channels}/320'} at {size}. "
-                         "See the script's docstring for why 16x64x64 does not fit ONNX Runtime's CPU attention here.")
-        with open(args.results, "a") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"appended to {args.results}")
+            lines += ["", f"Not the issue's size (full-size model, 16x64x64): this run used "
+                      f"{'full width' if full else f'width {args.base_channels}/320'} at {size}. "
+                      "See the script's docstring for why 16x64x64 does not fit ONNX Runtime's CPU attention here."]
+        if args.notes:
+            lines += ["", args.notes.read_text().strip()]
+        H.write_section("\n".join(lines) + "\n", args.results)
+        print(f"wrote {SECTION!r} to {args.results}")
     if not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -9,8 +9,8 @@ Identity: a version's ``tensor_hash`` ignores the safetensors header (editing ``
 folder it is the sha256 of each file's identity (tensor hash for ``.safetensors``, sha256 otherwise) by path.
 Adding a name's existing identity again returns the existing version (``exist_ok=False`` refuses instead).
 
-Crash safety: ``add`` writes blobs first (temp file + rename), then commits the version in one transaction;
-a crash in between leaves only an unreferenced blob, which :meth:`Registry.gc` removes.
+Crash safety: ``add`` checks every declared hash, then writes blobs (temp file + rename), then commits the version
+in one transaction; a crash in between leaves only an unreferenced blob, which :meth:`Registry.gc` removes.
 
 Example:
     >>> reg = Registry()                                               # doctest: +SKIP
@@ -22,10 +22,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,19 +35,21 @@ from typing import Any, Iterable
 from sqlalchemy import Engine
 
 from weightlab.errors import RegistryError, UnmatchedKeysError, fmt_keys
-from weightlab.files import tensor_hash
+from weightlab.files import file_sha256, tensor_hash
 from weightlab.registry import crud
 from weightlab.registry.checkouts import Checkouts
 from weightlab.registry.config import RegistrySettings
 from weightlab.registry.db import ensure_schema, make_engine, transaction
-from weightlab.registry.ingest import Staged, stage
+from weightlab.registry.ingest import SourceFile, Staged, stage
 from weightlab.registry.onnx_artifact import check_residual, describe_onnx, is_onnx_export
 from weightlab.registry.schemas import (BlobProblem, Derivation, FileInfo, GcReport, Kind, LineageNode, Ref,
-                                        VerifyReport, VersionCreate, VersionInfo, manifest_digest)
-from weightlab.registry.store import BlobStore, HashMismatchError, open_store
+                                        VerifyReport, VersionCreate, VersionInfo, check_json, check_label,
+                                        manifest_digest)
+from weightlab.registry.store import BlobStore, HashMismatchError, inside, open_store
 
 log = logging.getLogger(__name__)
 GC_GRACE_SECONDS = 3600.0
+_CHUNK = 8 * 1024 * 1024
 
 
 class DuplicateVersionError(RegistryError):
@@ -101,7 +105,7 @@ class Registry:
             tags: Iterable[str] = (), metadata: dict[str, Any] | None = None, sha256: str | None = None,
             revision: str | None = None, lineage: Derivation | None = None, allow_pickle: bool = False,
             strict: bool = True, exist_ok: bool = True, recorded_source: str | None = None,
-            sha256_trusted: bool = False) -> VersionInfo:
+            sha256_trusted: bool = False, namespaces: Iterable[str] | None = None) -> VersionInfo:
         """Register a file or folder as the next version of ``name``.
 
         Args:
@@ -112,9 +116,11 @@ class Registry:
                 detected when None. E.g. a full fine-tune declared ``style`` is stored as a dense residual.
                 An ONNX export folder (``weightlab export onnx``) is kind ``onnx``, checked by its manifest.
             tags (Iterable[str], default ()): labels for :meth:`search`.
-            metadata (dict | None): free-form JSON stored with the version.
-            sha256 (str | None): declared sha256 of the file (or the folder's manifest digest); a mismatch
-                stores nothing.
+            metadata (dict | None): free-form JSON stored with the version, within ``schemas.JSON_LIMITS`` (at most
+                64 KiB as JSON, 16 levels deep, 2000 members and elements; else MetadataError, nothing stored).
+            sha256 (str | None): declared sha256 of the file (or the folder's manifest digest). It is checked, and so
+                is the sha256 the hub cache declares for each file, before anything is stored: a mismatch stores
+                nothing.
             revision (str | None): hub revision (branch, tag or commit) for ``hf://`` sources.
             lineage (Derivation | None): how the file was produced, committed together with the version
                 (e.g. ``Derivation.from_recipe(recipe, ...)`` for a merge output).
@@ -127,26 +133,31 @@ class Registry:
             sha256_trusted (bool, default False): ``source`` lies in the store's ``tmp_dir`` and ``sha256`` was
                 computed from its bytes as they were written there (the web API's received upload): the file is
                 stored without hashing it again.
+            namespaces (Iterable[str] | None): the namespaces the caller may read (the web API); ``lineage`` inputs
+                given only by tensor hash link to versions there only. None: every namespace.
         Returns:
             VersionInfo: the new (or existing) version.
         """
-        with stage(source, revision=revision, allow_pickle=allow_pickle) as staged:
+        metadata, tags = check_json(metadata or {}), [check_label(t, "tag") for t in tags]  # before storing anything
+        with stage(source, revision=revision, allow_pickle=allow_pickle) as staged, \
+                (self._spool() if staged.folder else contextlib.nullcontext()) as spool:
             if recorded_source is not None:
                 staged = dataclasses.replace(staged, source=recorded_source)
             ref = Ref.parse_name(name or staged.default_name)
-            trusted = sha256_trusted and not staged.folder
-            files = [self._put(f.path, f.sha256 or (sha256 if not staged.folder else None), f.relpath, trusted=trusted)
-                     for f in staged.files]
+            if staged.folder:  # every hash is checked before the first blob is stored
+                sources, trusted = self._checked_folder(staged, sha256, spool), True
+            else:  # one file: put checks the declared hash (the caller's, else the hub cache's) before storing it
+                sources = [dataclasses.replace(staged.files[0], sha256=sha256 or staged.files[0].sha256)]
+                trusted = sha256_trusted
+            files = [self._put(f.path, f.sha256, f.relpath, trusted=trusted) for f in sources]
             new = self._describe(files, staged, kind=kind, tags=tags, metadata=metadata, strict=strict)
-            if sha256 is not None and sha256 != new.sha256:
-                raise HashMismatchError(f"{staged.source}: manifest digest is {new.sha256}, but {sha256} was "
-                                        "declared. Fix: correct the declared hash.")
             with transaction(self._engine, write=True) as s:
                 version, created = crud.create_version(s, namespace=ref.namespace, name=ref.name, new=new)
                 if lineage is not None and version.derivation is None:
-                    crud.record_derivation(s, version=version, derivation=lineage)
+                    crud.record_derivation(s, version=version, derivation=lineage,
+                                           namespaces=None if namespaces is None else set(namespaces))
                 info = crud.version_info(version)
-            for f, src in zip(files, staged.files):  # a gc between our blob write and commit may have taken it
+            for f, src in zip(files, sources):  # a gc between our blob write and commit may have taken it
                 if not self.store.exists(f.sha256):
                     self._put(src.path, f.sha256, f.path, trusted=trusted)
         if not created:
@@ -156,6 +167,40 @@ class Registry:
                 raise DuplicateVersionError(msg, info)
             log.info(msg)
         return info
+
+    def _spool(self) -> tempfile.TemporaryDirectory:
+        """A private folder in the store's ``tmp_dir`` (``gc`` sweeps it if the process dies)."""
+        self.store.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(dir=self.store.tmp_dir, prefix="add-")
+
+    def _checked_folder(self, staged: Staged, sha256: str | None, spool: str) -> list[SourceFile]:
+        """A folder's files, each hashed and checked against the hash the hub cache declares for it, and the
+        folder's manifest digest checked against ``sha256``, before anything is stored.
+
+        Each file is copied into ``spool`` as it is hashed, so the store takes exactly the checked bytes without
+        hashing them again; a file already in the store's ``tmp_dir`` (an upload the web API received, which
+        nothing else writes) is hashed where it lies.
+        """
+        checked = []
+        for i, f in enumerate(staged.files):
+            if inside(f.path, self.store.tmp_dir):
+                path, digest = f.path, file_sha256(f.path)
+            else:
+                path = Path(spool, str(i))
+                digest = _copy_hashing(f.path, path)
+            if f.sha256 is not None and digest != f.sha256:
+                raise HashMismatchError(
+                    f"{staged.source}: {f.relpath} hashes to {digest}, but {f.sha256} was declared (its name in the "
+                    f"Hugging Face cache), so the cached file is corrupt; nothing was stored. Fix: delete "
+                    f"{f.path.resolve()} and download it again.")
+            checked.append(SourceFile(f.relpath, path, digest))
+        digest = manifest_digest([FileInfo(path=f.relpath, sha256=f.sha256, size_bytes=f.path.stat().st_size)
+                                  for f in checked])
+        if sha256 is not None and digest != sha256:
+            raise HashMismatchError(f"{staged.source}: the folder's files ({len(checked)}) have manifest digest "
+                                    f"{digest}, but {sha256} was declared; nothing was stored. Fix: correct the "
+                                    "declared hash (schemas.manifest_digest of exactly these files).")
+        return checked
 
     def _put(self, path: Path, sha256: str | None, relpath: str, *, trusted: bool = False) -> FileInfo:
         blob = self.store.put(path, sha256=sha256, trusted=trusted)
@@ -191,7 +236,7 @@ class Registry:
             size_bytes=sum(f.size_bytes for f in files), format=info.format, family=info.family,
             kind=kind or info.kind_guess, representation=info.representation, ranks=info.ranks, alphas=info.alphas,
             dtypes=info.dtypes, n_params=info.n_params, n_targets=info.n_targets, config=info.config,
-            metadata=metadata or {}, source=staged.source, files=files, tags=list(tags),
+            metadata=metadata or {}, source=staged.source, files=files, tags=list(tags), finite=info.finite,
         )
 
     @staticmethod
@@ -209,16 +254,20 @@ class Registry:
             n_params=summary.n_params, n_targets=summary.n_graphs, config=summary.config, metadata=metadata or {},
             source=staged.source, files=files, tags=list(tags))
 
-    def add_lineage(self, ref: str, derivation: Derivation) -> LineageNode:
+    def add_lineage(self, ref: str, derivation: Derivation, *, namespaces: Iterable[str] | None = None) -> LineageNode:
         """Record how an existing version was produced (once; lineage never changes afterwards).
 
+        Args:
+            namespaces (Iterable[str] | None): the namespaces the caller may read (the web API): inputs given only
+                by tensor hash link to versions there only. None: every namespace.
         Returns:
             LineageNode: the version with its recorded inputs.
         """
+        readable = None if namespaces is None else set(namespaces)
         with transaction(self._engine, write=True) as s:
             version = crud.resolve(s, ref=Ref.parse(ref))
-            crud.record_derivation(s, version=version, derivation=derivation)
-            return crud.lineage(s, version=version, depth=1)
+            crud.record_derivation(s, version=version, derivation=derivation, namespaces=readable)
+            return crud.lineage(s, version=version, depth=1, namespaces=readable)
 
     # -- reading --------------------------------------------------------------------------------------------
 
@@ -253,10 +302,15 @@ class Registry:
                                all_versions=all_versions, limit=limit, offset=offset,
                                namespaces=None if namespaces is None else set(namespaces))
 
-    def lineage(self, ref: str, *, depth: int | None = None) -> LineageNode:
-        """What ``ref`` was derived from, recursively: relation, recipe, and each input's role and scale."""
+    def lineage(self, ref: str, *, depth: int | None = None, namespaces: Iterable[str] | None = None) -> LineageNode:
+        """What ``ref`` was derived from, recursively: relation, recipe, and each input's role and scale.
+
+        ``namespaces`` (the web API: those the caller may read; None: every one) bounds the versions that inputs
+        recorded by tensor hash alone are linked to when read.
+        """
         with transaction(self._engine) as s:
-            return crud.lineage(s, version=crud.resolve(s, ref=Ref.parse(ref)), depth=depth)
+            return crud.lineage(s, version=crud.resolve(s, ref=Ref.parse(ref)), depth=depth,
+                                namespaces=None if namespaces is None else set(namespaces))
 
     def path(self, ref: str) -> Path:
         """A local path with the version's content: its file, or its folder laid out as it was added."""
@@ -356,6 +410,16 @@ class Registry:
             kept=len(referenced), temp_removed=0 if dry_run else self.store.sweep_temp(older_than=grace),
             checkouts_removed=self._checkouts.sweep(keep=keep, older_than=grace, dry_run=dry_run), dry_run=dry_run,
         )
+
+
+def _copy_hashing(src: Path, dest: Path) -> str:
+    """Copy ``src`` to ``dest``; returns the sha256 of the bytes written."""
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            h.update(chunk)
+            fout.write(chunk)
+    return h.hexdigest()
 
 
 def _folder_identity(files: list[FileInfo]) -> str:

@@ -58,6 +58,8 @@ class TokenBase(BaseModel):
 
 
 class TokenCreate(TokenBase):
+    name: str = Field("token", min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$",
+                      description="a label: who or what uses it (printable text, no control characters)")
     expires_in_days: float | None = Field(None, gt=0, le=36500, description="none: never expires")
 
 
@@ -124,10 +126,15 @@ def list_tokens(session: Session, *, namespace: str | None = None) -> list[Token
     return [_public(row) for row in session.scalars(q)]
 
 
+def token_not_found(token_id: int) -> NotFoundError:
+    """The error for a token id that does not exist, or that the caller may not see (the same, byte for byte)."""
+    return NotFoundError(f"no token with id {token_id}. Fix: `GET /api/v1/tokens` lists them.")
+
+
 def get_token(session: Session, *, token_id: int) -> TokenPublic:
     row = session.get(ApiToken, token_id)
     if row is None:
-        raise NotFoundError(f"no token with id {token_id}. Fix: `GET /api/v1/tokens` lists them.")
+        raise token_not_found(token_id)
     return _public(row)
 
 
@@ -135,7 +142,7 @@ def delete_token(session: Session, *, token_id: int) -> None:
     """Revoke a token: requests that send it are refused from now on."""
     row = session.get(ApiToken, token_id)
     if row is None:
-        raise NotFoundError(f"no token with id {token_id}. Fix: `GET /api/v1/tokens` lists them.")
+        raise token_not_found(token_id)
     session.delete(row)
     session.flush()
 

@@ -12,22 +12,25 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Collection, TypeVar
 
-from sqlalchemy import Select, String, and_, cast, func, or_, select
+from sqlalchemy import Select, String, and_, cast, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from weightlab.errors import NotFoundError, RegistryError
-from weightlab.registry.models import (Alias, Artifact, Derivation, DerivationInput, Namespace, Version, VersionFile,
-                                       VersionTag)
-from weightlab.registry.schemas import (LATEST, Derivation as DerivationSpec, FileInfo, LineageEdge, LineageNode,
-                                        Ref, VersionCreate, VersionInfo, check_label)
+from weightlab.registry.db import UnreadableJSON
+from weightlab.registry.models import (Alias, Artifact, Derivation, DerivationInput, Job, Namespace, Version,
+                                       VersionFile, VersionTag)
+from weightlab.registry.schemas import (INVALID_JSON_KEY, LATEST, Derivation as DerivationSpec, FileInfo,
+                                        LineageEdge, LineageNode, MetadataError, Ref, VersionCreate, VersionInfo,
+                                        check_json, check_label, stored_json)
 
 M = TypeVar("M", Namespace, Artifact)
 # The columns of a VersionInfo, labelled by its field names (lists of versions are read as rows, not ORM objects).
 _INFO_COLUMNS = (Version.id, Namespace.name.label("namespace"), Artifact.name.label("name"), Version.number,
                  Version.sha256, Version.tensor_hash, Version.size_bytes, Version.format, Version.family, Version.kind,
                  Version.representation, Version.ranks, Version.alphas, Version.dtypes, Version.n_params,
-                 Version.n_targets, Version.config, Version.meta.label("metadata"), Version.source, Version.created_at)
+                 Version.n_targets, Version.config, Version.meta.label("metadata"), Version.source, Version.created_at,
+                 Version.finite)
 _ID_BATCH = 500  # version ids per `IN (...)` when reading the files and labels of many versions
 
 
@@ -43,10 +46,12 @@ def version_info(version: Version) -> VersionInfo:
         number=version.number, sha256=version.sha256, tensor_hash=version.tensor_hash, size_bytes=version.size_bytes,
         format=version.format, family=version.family, kind=version.kind, representation=version.representation,
         ranks=version.ranks, alphas=version.alphas, dtypes=version.dtypes, n_params=version.n_params,
-        n_targets=version.n_targets, config=version.config, metadata=version.meta, source=version.source,
+        n_targets=version.n_targets, config=stored_json(version.config, "config"),
+        metadata=stored_json(version.meta, "metadata"), source=version.source,
         files=[FileInfo(path=f.path, sha256=f.sha256, size_bytes=f.size_bytes, tensor_hash=f.tensor_hash)
                for f in version.files],
         tags=[t.name for t in version.tags], aliases=[a.name for a in version.aliases], created_at=_utc(created),
+        finite=version.finite,
     )
 
 
@@ -85,7 +90,9 @@ def _version_infos(session: Session, query: Select) -> list[VersionInfo]:
             aliases[version_id].append(name)
     return [VersionInfo.model_validate({
         **row._mapping, "ref": f"{row.namespace}/{row.name}@{row.number}", "files": files[row.id],
-        "tags": tags[row.id], "aliases": aliases[row.id], "created_at": _utc(row.created_at)}) for row in rows]
+        "tags": tags[row.id], "aliases": aliases[row.id], "created_at": _utc(row.created_at),
+        "metadata": stored_json(row.metadata, "metadata"), "config": stored_json(row.config, "config")})
+        for row in rows]
 
 
 def _get_or_create(session: Session, model: type[M], **keys) -> M:
@@ -113,8 +120,11 @@ def find_artifact(session: Session, *, namespace: str, name: str) -> Artifact | 
                           .where(Namespace.name == namespace, Artifact.name == name))
 
 
-def _not_found(session: Session, ref: Ref) -> NotFoundError:
-    names = [f"{ns}/{n}" for ns, n in session.execute(select(Namespace.name, Artifact.name).join(Artifact.namespace))]
+def _not_found(session: Session, ref: Ref, *, namespaces: Collection[str] | None = None) -> NotFoundError:
+    q = select(Namespace.name, Artifact.name).join(Artifact.namespace)
+    if namespaces is not None:
+        q = q.where(Namespace.name.in_(sorted(namespaces)))
+    names = [f"{ns}/{n}" for ns, n in session.execute(q)]
     close = difflib.get_close_matches(ref.artifact, names, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else " Fix: `weightlab ls` lists what is registered."
     return NotFoundError(f"no artifact named {ref.artifact} in the registry.{hint}")
@@ -175,6 +185,7 @@ def create_version(session: Session, *, namespace: str, name: str, new: VersionC
         size_bytes=new.size_bytes, format=new.format, family=new.family, kind=new.kind,
         representation=new.representation, ranks=new.ranks, alphas=new.alphas, dtypes=new.dtypes,
         n_params=new.n_params, n_targets=new.n_targets, config=new.config, meta=new.metadata, source=new.source,
+        finite=new.finite,
         files=[VersionFile(path=f.path, sha256=f.sha256, size_bytes=f.size_bytes, tensor_hash=f.tensor_hash)
                for f in new.files],
         tags=[VersionTag(name=t) for t in new.tags],
@@ -272,8 +283,13 @@ def _ancestor_ids(session: Session, version_id: int) -> set[int]:
     return seen
 
 
-def record_derivation(session: Session, *, version: Version, derivation: DerivationSpec) -> None:
+def record_derivation(session: Session, *, version: Version, derivation: DerivationSpec,
+                      namespaces: Collection[str] | None = None) -> None:
     """Record how ``version`` was produced. Lineage, like the version, is written once.
+
+    ``namespaces`` (None: every one) are those the recording caller may read: an input given by reference must be
+    there, and an input given only by tensor hash links only to a version there (also when read later), so the
+    outcome never depends on, nor links to, a version the caller cannot read.
 
     Raises:
         RegistryError: the version already has lineage, or an input is the version itself or derived from it.
@@ -287,6 +303,8 @@ def record_derivation(session: Session, *, version: Version, derivation: Derivat
     for position, inp in enumerate(derivation.inputs):
         if inp.ref is not None:
             ref = Ref.parse(inp.ref)
+            if namespaces is not None and ref.namespace not in namespaces:
+                raise _not_found(session, ref, namespaces=namespaces)
             parent = resolve(session, ref=ref)
             if inp.tensor_hash is not None and inp.tensor_hash not in _hashes(parent):
                 parent = _holding(session, inp.tensor_hash, artifact_id=parent.artifact_id)
@@ -297,14 +315,15 @@ def record_derivation(session: Session, *, version: Version, derivation: Derivat
                         "input's path and tensor hash without a ref.")
             tensor_hash, label = inp.tensor_hash or parent.tensor_hash, inp.ref
         else:
-            parent = _holding(session, inp.tensor_hash)
+            parent = _holding(session, inp.tensor_hash, namespaces=namespaces)
             tensor_hash, label = inp.tensor_hash, inp.label
         if parent is not None and (parent.id == version.id or version.id in _ancestor_ids(session, parent.id)):
             raise RegistryError(f"{version_ref(version)} cannot be derived from {version_ref(parent)}: that would "
                                 "make a cycle in the lineage. Fix: check the inputs.")
         rows.append(DerivationInput(position=position, parent_version_id=parent.id if parent else None,
                                     tensor_hash=tensor_hash, label=label, role=inp.role, scale=inp.scale))
-    session.add(Derivation(version_id=version.id, relation=derivation.relation, recipe=derivation.recipe, inputs=rows))
+    session.add(Derivation(version_id=version.id, relation=derivation.relation, recipe=derivation.recipe, inputs=rows,
+                           linkable_namespaces=None if namespaces is None else sorted(namespaces)))
     session.flush()
 
 
@@ -312,17 +331,31 @@ def _hashes(version: Version) -> set[str]:
     return {version.tensor_hash} | {f.tensor_hash for f in version.files if f.tensor_hash}
 
 
-def _holding(session: Session, tensor_hash: str, *, artifact_id: int | None = None) -> Version | None:
-    """The oldest version whose identity, or one of whose files, has this tensor hash."""
+def _holding(session: Session, tensor_hash: str, *, artifact_id: int | None = None,
+             namespaces: Collection[str] | None = None) -> Version | None:
+    """The oldest version (in ``namespaces``; None: any) whose identity, or one of whose files, has this tensor hash."""
     q = select(Version).where(or_(Version.tensor_hash == tensor_hash,
                                   Version.files.any(VersionFile.tensor_hash == tensor_hash)))
     if artifact_id is not None:
         q = q.where(Version.artifact_id == artifact_id)
+    if namespaces is not None:
+        q = q.join(Version.artifact).join(Artifact.namespace).where(Namespace.name.in_(sorted(namespaces)))
     return session.scalar(q.order_by(Version.id).limit(1))
 
 
-def lineage(session: Session, *, version: Version, depth: int | None = None) -> LineageNode:
-    """The ancestry tree of ``version``, ``depth`` levels deep (None: all). A node met twice is shown once."""
+def _within(*scopes: Collection[str] | None) -> set[str] | None:
+    """The intersection of namespace sets, None standing for every namespace."""
+    given = [set(s) for s in scopes if s is not None]
+    return set.intersection(*given) if given else None
+
+
+def lineage(session: Session, *, version: Version, depth: int | None = None,
+            namespaces: Collection[str] | None = None) -> LineageNode:
+    """The ancestry tree of ``version``, ``depth`` levels deep (None: all). A node met twice is shown once.
+
+    An input recorded by tensor hash alone, with no version holding it then, links to one registered since, among
+    the namespaces its recorder could read and ``namespaces`` (the reader's; None: every one).
+    """
     expanded: set[int] = set()
 
     def node(v: Version, level: int) -> LineageNode:
@@ -334,9 +367,11 @@ def lineage(session: Session, *, version: Version, depth: int | None = None) -> 
             out.truncated = True
             return out
         expanded.add(v.id)
-        out.relation, out.recipe = d.relation, d.recipe
+        out.relation, out.recipe = d.relation, stored_json(d.recipe, "recipe")
+        linkable = _within(d.linkable_namespaces, namespaces)
         for inp in d.inputs:
-            parent = inp.parent or _holding(session, inp.tensor_hash)
+            parent = inp.parent or (_holding(session, inp.tensor_hash, namespaces=linkable)
+                                    if linkable is None or linkable else None)
             child = (node(parent, level + 1) if parent is not None
                      else LineageNode(label=inp.label or inp.tensor_hash, tensor_hash=inp.tensor_hash))
             out.inputs.append(LineageEdge(role=inp.role, scale=inp.scale, node=child))
@@ -388,3 +423,39 @@ def set_namespace_public(session: Session, *, namespace: str, public: bool) -> N
     ns.public = public
     session.flush()
     return ns
+
+
+def repair_stored_json(session: Session, *, dry_run: bool = False) -> list[str]:
+    """Find the stored JSON documents that break :data:`~weightlab.registry.schemas.JSON_LIMITS` (written before
+    they were checked) and replace each with the placeholder readers are shown instead (see ``stored_json``).
+
+    Returns:
+        list[str]: one line per document: where it is and what is wrong with it.
+    """
+    targets = [(Version, Version.meta, "metadata", lambda r: f"{r.namespace}/{r.name}@{r.number}"),
+               (Version, Version.config, "config", lambda r: f"{r.namespace}/{r.name}@{r.number}"),
+               (Derivation, Derivation.recipe, "recipe", lambda r: f"lineage of {r.namespace}/{r.name}@{r.number}"),
+               (Job, Job.params, "params", lambda r: f"job {r.id}")]
+    found = []
+    for model, column, what, where in targets:
+        if model is Job:
+            q = select(Job.id, column.label("doc"))
+        else:
+            q = select(model.id, Namespace.name.label("namespace"), Artifact.name.label("name"), Version.number,
+                       column.label("doc")).select_from(model)
+            if model is Derivation:
+                q = q.join(Version, Version.id == Derivation.version_id)
+            q = q.join(Version.artifact).join(Artifact.namespace)
+        for row in session.execute(q.order_by(model.id)).all():
+            if row.doc is None:  # SQL NULL, or JSON null
+                continue
+            try:
+                if isinstance(row.doc, UnreadableJSON):
+                    raise MetadataError(f"{what} nests too deep to parse.")
+                check_json(row.doc, what)
+            except MetadataError as e:
+                found.append(f"{where(row)}: {e}")
+                if not dry_run:
+                    note = {INVALID_JSON_KEY: f"replaced by `weightlab registry repair`: {e}"}
+                    session.execute(update(model).where(model.id == row.id).values({column: note}))
+    return found

@@ -8,6 +8,7 @@ refuses an outdated one (``weightlab db upgrade`` upgrades it).
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,14 +26,28 @@ _WRITE = "weightlab_write"
 _PG_MIGRATION_LOCK = 0x7765696768746C62  # pg_advisory_xact_lock key ("weightlb")
 
 
+class UnreadableJSON(dict):
+    """What a stored JSON value that cannot be parsed (nested beyond Python's recursion limit) reads as: a
+    placeholder saying so, so that one such row cannot break every listing (``weightlab registry repair`` fixes it)."""
+
+
+def _loads(text: str | bytes):
+    """``json.loads`` for stored JSON columns; a document too deep to parse reads as :class:`UnreadableJSON`."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return UnreadableJSON({"weightlab.invalid": "this stored JSON nests too deep to read. Fix: an operator runs "
+                                                    "`weightlab registry repair`."})
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite databases get their folder, WAL mode and a busy timeout."""
     sa_url = make_url(url)
     if sa_url.get_backend_name() != "sqlite":
-        return create_engine(sa_url, pool_pre_ping=True)
+        return create_engine(sa_url, pool_pre_ping=True, json_deserializer=_loads)
     if sa_url.database and sa_url.database != ":memory:":
         Path(sa_url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(sa_url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    engine = create_engine(sa_url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, json_deserializer=_loads)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:

@@ -88,7 +88,7 @@ def _check_member(member: tarfile.TarInfo, seen: set[str]) -> str:
                                 f"the files' paths). {_FIX}")
     parts = name.split("/")
     if (len(name) > MAX_PATH or "\\" in name or name.startswith("/")
-            or not all(_PART.match(p) for p in parts)):
+            or not all(_PART.fullmatch(p) for p in parts)):
         raise FolderUploadError(
             f"member {name!r}: a path must be relative and '/'-separated, each part a plain name (letters, digits, "
             f"'_', '.', '+', '-', not starting with '.'; so no '..', hidden files or absolute paths), at most "
@@ -138,7 +138,7 @@ def extract(chunks: AsyncIterator[bytes], dest: Path, *, max_bytes: int, too_lar
                     break
                 path = _check_member(member, seen)
                 declared = member.pax_headers.get(SHA256_RECORD, "")
-                if not _HEX64.match(declared):
+                if not _HEX64.fullmatch(declared):
                     raise FolderUploadError(f"member {path!r} declares no sha256 (a {SHA256_RECORD} PAX record of 64 "
                                             f"lowercase hex digits). {_FIX}")
                 if len(files) == MAX_FILES:

@@ -48,7 +48,7 @@ class HubRef:
 
     @classmethod
     def parse(cls, uri: str, revision: str | None = None) -> HubRef:
-        m = _HF_URI.match(uri)
+        m = _HF_URI.fullmatch(uri)
         if not m:
             raise RegistryError(f"{uri!r} is not a hub reference. Use hf://ORG/REPO, hf://ORG/REPO/FILE or "
                                 "hf://ORG/REPO/FOLDER, optionally with @REVISION.")
@@ -93,7 +93,7 @@ def _hub_blob_sha256(path: Path) -> str | None:
     if not path.is_symlink():
         return None
     target = path.resolve()
-    return target.name if target.parent.name == "blobs" and _SHA256.match(target.name) else None
+    return target.name if target.parent.name == "blobs" and _SHA256.fullmatch(target.name) else None
 
 
 def _hub_fetch(ref: HubRef) -> Path:

@@ -37,7 +37,8 @@ from weightlab.errors import NotFoundError, RegistryError, WeightlabError
 from weightlab.recipe import Recipe
 from weightlab.registry.db import transaction
 from weightlab.registry.models import Job
-from weightlab.registry.schemas import Derivation, Ref, VersionInfo, check_label, check_registered
+from weightlab.registry.schemas import (Derivation, Ref, VersionInfo, check_finite, check_json, check_label,
+                                        check_registered, stored_json)
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,20 @@ class OutputParams(BaseModel):
     @field_validator("output")
     @classmethod
     def _output(cls, output: str) -> str:
-        Ref.parse_name(output)
+        ref = Ref.parse_name(output)
+        if str(ref) != output:
+            raise RegistryError(f"output {output!r}: write it exactly as {ref}, without spaces or newlines.")
         return output
 
     @field_validator("tags")
     @classmethod
     def _tags(cls, tags: list[str]) -> list[str]:
         return [check_label(t, "tag") for t in tags]
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        return check_json(metadata)
 
 
 class MergeParams(OutputParams):
@@ -145,14 +153,17 @@ def _run_merge(registry, params: MergeParams, job_id: int) -> VersionInfo:
     any other merge one ``.safetensors`` file."""
     from weightlab.merge import merge_to_file, merge_to_folder
 
+    def resolve(ref: str) -> Path:  # registry references only; a version recorded as non-finite is refused by name
+        return registry.path(check_finite(registry.get(ref)).ref)
+
     video = any(t.kind == "motion" for t in params.recipe.terms)
     with job_dir(registry, job_id) as tmp:
         out = Path(tmp) / Ref.parse_name(params.output).name
         if video:
-            merge_to_folder(params.recipe, out, progress=False, resolve=registry.path)  # registry references only
+            merge_to_folder(params.recipe, out, progress=False, resolve=resolve)
         else:
             out = out.with_name(out.name + ".safetensors")
-            merge_to_file(params.recipe, out, progress=False, resolve=registry.path)
+            merge_to_file(params.recipe, out, progress=False, resolve=resolve)
         return registry.add(out, name=params.output, kind="base", tags=params.tags,
                             metadata={**params.metadata, "recipe_hash": params.recipe.hash, "job": job_id},
                             lineage=Derivation.from_merged_file(out), recorded_source=f"job:{job_id}")
@@ -187,7 +198,8 @@ def _utc(when: datetime | None) -> datetime | None:
 
 
 def public(job: Job) -> JobPublic:
-    return JobPublic(id=job.id, kind=job.kind, params=job.params, status=job.status, namespace=job.namespace,
+    return JobPublic(id=job.id, kind=job.kind, params=stored_json(job.params, "params"), status=job.status,
+                     namespace=job.namespace,
                      result_ref=job.result_ref, error=job.error, attempts=job.attempts,
                      created_at=_utc(job.created_at), started_at=_utc(job.started_at),
                      finished_at=_utc(job.finished_at))
@@ -203,9 +215,14 @@ def enqueue(session: Session, *, spec: JobBase, token_id: int | None) -> Job:
     return job
 
 
-def get_job(session: Session, *, job_id: int) -> Job:
+def get_job(session: Session, *, job_id: int, namespaces: set[str] | None = None) -> Job:
+    """The job ``job_id``, if its result goes to one of ``namespaces`` (None: any).
+
+    Raises:
+        NotFoundError: no such job, or one in another namespace (the same error: ids reveal nothing).
+    """
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or (namespaces is not None and job.namespace not in namespaces):
         raise NotFoundError(f"no job with id {job_id}. Fix: `GET /api/v1/jobs` lists the jobs you can see.")
     return job
 

@@ -86,7 +86,7 @@ class Version(Base):
     kind: Mapped[str] = mapped_column(String(32), index=True)
     representation: Mapped[str] = mapped_column(String(32))
     ranks: Mapped[list[int]]
-    alphas: Mapped[list[float]]
+    alphas: Mapped[list[float]]  # JSON null where the alpha is NaN or Inf
     dtypes: Mapped[list[str]]
     n_params: Mapped[int] = mapped_column(BigInteger)
     n_targets: Mapped[int] = mapped_column(Integer)
@@ -94,6 +94,7 @@ class Version(Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
     source: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finite: Mapped[bool | None] = mapped_column(Boolean)  # every tensor value finite; NULL: not checked
 
     artifact: Mapped[Artifact] = relationship(back_populates="versions")
     files: Mapped[list[VersionFile]] = relationship(order_by="VersionFile.path", cascade="all, delete-orphan")
@@ -145,6 +146,9 @@ class Derivation(Base):
     relation: Mapped[str] = mapped_column(String(32))
     recipe: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The namespaces the web API caller who recorded it could read; NULL: every one (the local Registry, a `*`
+    # token). An input known only by its tensor hash links only to versions there, now and when read later.
+    linkable_namespaces: Mapped[list[str] | None]
 
     version: Mapped[Version] = relationship(back_populates="derivation")
     inputs: Mapped[list[DerivationInput]] = relationship(order_by="DerivationInput.position",

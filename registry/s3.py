@@ -151,7 +151,7 @@ class S3BlobStore(BlobStore):
         for page in pages:
             for obj in page.get("Contents", []):
                 digest = "".join(obj["Key"].rsplit("/", 2)[-2:])
-                if _HEX64.match(digest):
+                if _HEX64.fullmatch(digest):
                     yield BlobStat(digest, obj["Size"], obj["LastModified"].timestamp())
 
     def sweep_temp(self, *, older_than):

@@ -11,6 +11,8 @@ hex digits: a prefix of the version's sha256 or tensor hash; up to 7 plain digit
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from weightlab.errors import RegistryError
+from weightlab.errors import NonFiniteError, RegistryError
 
 KINDS = ("base", "style", "image_accel", "motion", "motion_lora", "onnx")
 Kind = Literal["base", "style", "image_accel", "motion", "motion_lora", "onnx"]  # onnx: an export folder, not a residual
@@ -29,18 +31,144 @@ LATEST = "latest"
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 _LABEL = r"[A-Za-z][A-Za-z0-9._-]{0,99}"
-_REF = re.compile(rf"^(?P<ns>{_NAME})/(?P<name>{_NAME})(?:@(?P<version>[0-9a-fA-F]{{1,64}})|:(?P<alias>{_LABEL}))?$")
-_NAME_RE = re.compile(rf"^{_NAME}$")
-_LABEL_RE = re.compile(rf"^{_LABEL}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# Patterns are applied with fullmatch: `$` alone would also match before a trailing newline ("ok\n").
+_REF = re.compile(rf"(?P<ns>{_NAME})/(?P<name>{_NAME})(?:@(?P<version>[0-9a-fA-F]{{1,64}})|:(?P<alias>{_LABEL}))?")
+_NAME_RE = re.compile(_NAME)
+_LABEL_RE = re.compile(_LABEL)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+# Limits of every free-form JSON document the registry stores (version metadata and config, lineage recipes,
+# job parameters): what a reader can always list, search and serialise.
+JSON_MAX_DEPTH = 16  # nesting levels of objects and arrays ({"a": 1} is one level)
+JSON_MAX_ITEMS = 2000  # object members and array elements, counted over the whole document
+JSON_MAX_BYTES = 65536  # the document as compact UTF-8 JSON
+JSON_MAX_STRING = 8192  # characters of one string value
+JSON_MAX_KEY = 256  # characters of one object key
+_JSON_MAX_INT = 2**63  # integers in (-2**63, 2**63)
+JSON_LIMITS = (f"a JSON object of at most {JSON_MAX_BYTES} bytes, {JSON_MAX_DEPTH} levels of nesting and "
+               f"{JSON_MAX_ITEMS} members and elements in all; keys of at most {JSON_MAX_KEY} characters, strings of "
+               f"at most {JSON_MAX_STRING}, no NUL characters; numbers finite, integers within 64 bits")
+INVALID_JSON_KEY = "weightlab.invalid"  # the placeholder key of a stored document that breaks the limits
+
+
+class MetadataError(RegistryError):
+    """Metadata (or another free-form JSON document) breaks the registry's limits (HTTP 422)."""
+
+
+def _check_text(text: str, limit: int, where: str) -> None:
+    """Refuse text the databases cannot store or a reader cannot serialise: over ``limit``, NUL, lone surrogates."""
+    if len(text) > limit:
+        raise MetadataError(f"{where} is {len(text)} characters long; the limit is {limit}. Fix: store long text "
+                            "as a file of its own.")
+    if "\0" in text:
+        raise MetadataError(f"{where} holds a NUL character. Fix: remove it.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MetadataError(f"{where} is not valid Unicode (a lone surrogate). Fix: send UTF-8 text.") from None
+
+
+def check_json(doc: Any, what: str = "metadata") -> dict[str, Any]:
+    """Return ``doc`` if it is a JSON object within the registry's limits (see :data:`JSON_LIMITS`).
+
+    Iterative, so any depth is refused cleanly (no ``RecursionError``).
+
+    Raises:
+        MetadataError: the first limit it breaks, where (``metadata.a.b[3]``), and the fix.
+    """
+    if not isinstance(doc, dict):
+        raise MetadataError(f"{what} must be a JSON object, not a {type(doc).__name__}. Fix: send an object, e.g. "
+                            "{\"author\": \"me\"}.")
+    items = 0
+    stack: list[tuple[Any, int, str]] = [(doc, 1, what)]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, (dict, list, tuple)):  # a tuple is stored as a JSON array
+            if depth > JSON_MAX_DEPTH:
+                raise MetadataError(f"{what} nests deeper than {JSON_MAX_DEPTH} levels (at {where[:200]}). Fix: "
+                                    "flatten it, e.g. join nested keys with '.'.")
+            items += len(value)
+            if items > JSON_MAX_ITEMS:
+                raise MetadataError(f"{what} has more than {JSON_MAX_ITEMS} members and elements in all. Fix: keep "
+                                    "metadata small; store large data as a file of its own.")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        raise MetadataError(f"key {key!r} in {where[:200]} is not a string.")
+                    _check_text(key, JSON_MAX_KEY, f"a key in {where[:200]}")
+                    stack.append((item, depth + 1, f"{where}.{key}"))
+            else:
+                stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, JSON_MAX_STRING, where[:200])
+        elif value is None or isinstance(value, bool):
+            continue
+        elif isinstance(value, int):
+            if not -_JSON_MAX_INT < value < _JSON_MAX_INT:
+                raise MetadataError(f"{where[:200]} is an integer beyond 64 bits. Fix: send it as a string.")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise MetadataError(f"{where[:200]} is {value}, not a finite number. Fix: send null or a string "
+                                    "instead.")
+        else:
+            raise MetadataError(f"{where[:200]} is a {type(value).__name__}, not a JSON value.")
+    size = len(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > JSON_MAX_BYTES:
+        raise MetadataError(f"{what} is {size} bytes as JSON; the limit is {JSON_MAX_BYTES}. Fix: keep metadata "
+                            "small; store large data as a file of its own.")
+    return doc
+
+
+def parse_json(text: str, what: str = "metadata") -> dict[str, Any]:
+    """Parse and check a JSON object sent as text (e.g. the ``metadata`` query value of an upload).
+
+    Raises:
+        MetadataError: not JSON, nested beyond what can be parsed, or beyond :data:`JSON_LIMITS`.
+    """
+    def constant(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        doc = json.loads(text, parse_constant=constant)
+    except RecursionError:
+        raise MetadataError(f"{what} nests deeper than {JSON_MAX_DEPTH} levels. Fix: flatten it, e.g. join nested "
+                            "keys with '.'.") from None
+    except ValueError as e:
+        raise MetadataError(f"{what} is not valid JSON ({e}). Fix: send a JSON object, e.g. "
+                            "{\"author\": \"me\"}.") from None
+    return check_json(doc, what)
+
+
+def stored_json(doc: dict[str, Any] | None, what: str) -> dict[str, Any] | None:
+    """A stored document as readers get it: itself, or (stored before the limits were checked, and breaking them)
+    a placeholder that says so, so that one bad row cannot break every listing."""
+    if doc is None:
+        return None
+    try:
+        return check_json(doc, what)
+    except MetadataError as e:
+        return {INVALID_JSON_KEY: f"hidden: {e} Fix: an operator runs `weightlab registry repair`."}
 
 
 def check_label(value: str, what: str) -> str:
     """Validate an alias or tag: a letter, then letters, digits, ``.``, ``_`` or ``-`` (at most 100)."""
-    if not _LABEL_RE.match(value):
+    if not _LABEL_RE.fullmatch(value):
         raise RegistryError(f"invalid {what} {value!r}: use a letter, then letters, digits, '.', '_' or '-' "
                             "(at most 100 characters).")
     return value
+
+
+def check_finite(info: VersionInfo) -> VersionInfo:
+    """Return ``info`` unless it was recorded, when it was added, as holding NaN or Inf values.
+
+    Raises:
+        NonFiniteError: naming the version, before anything of it is loaded.
+    """
+    if info.finite is False:
+        raise NonFiniteError(f"{info.ref} holds NaN or Inf values (found when it was added), so it cannot be merged. "
+                             "Fix: use another version; the file is damaged or was trained into divergence.")
+    return info
 
 
 def check_registered(recipe: Any) -> Any:
@@ -69,7 +197,7 @@ class Ref:
         Raises:
             RegistryError: the text is not a reference (the message shows the accepted forms).
         """
-        m = _REF.match(text.strip())
+        m = _REF.fullmatch(text.strip())
         if not m:
             raise RegistryError(
                 f"{text!r} is not a registry reference. Use ns/name, ns/name@3, ns/name@<8+ hex digits of a hash> "
@@ -95,7 +223,7 @@ class Ref:
 
     @staticmethod
     def is_ref(text: str) -> bool:
-        return bool(_REF.match(text.strip()))
+        return bool(_REF.fullmatch(text.strip()))
 
     @property
     def artifact(self) -> str:
@@ -110,7 +238,7 @@ class Ref:
 
 
 def check_name(text: str) -> str:
-    if not _NAME_RE.match(text):
+    if not _NAME_RE.fullmatch(text):
         raise RegistryError(f"invalid name {text!r}: use letters, digits, '.', '_' or '-' (at most 100 characters, "
                             "starting with a letter or digit).")
     return text
@@ -142,7 +270,7 @@ class VersionCreate(BaseModel):
     kind: Kind
     representation: str
     ranks: list[int] = []
-    alphas: list[float] = []
+    alphas: list[float | None] = Field([], description="LoRA alphas; None where the stored alpha is NaN or Inf")
     dtypes: list[str] = []
     n_params: int = 0
     n_targets: int = 0
@@ -151,11 +279,29 @@ class VersionCreate(BaseModel):
     source: str | None = None
     files: list[FileInfo]
     tags: list[str] = []
+    finite: bool | None = None
 
     @field_validator("tags")
     @classmethod
     def _tags(cls, tags: list[str]) -> list[str]:
         return sorted({check_label(t, "tag") for t in tags})
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, alphas: list[float | None]) -> list[float | None]:
+        return [a if a is not None and math.isfinite(a) else None for a in alphas]  # JSON (PostgreSQL's) has no NaN
+
+    @field_validator("metadata", "config")
+    @classmethod
+    def _json(cls, doc: dict[str, Any] | None, info) -> dict[str, Any] | None:
+        return doc if doc is None else check_json(doc, info.field_name)  # MetadataError is no ValueError: raised as is
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, source: str | None) -> str | None:
+        if source is not None:
+            _check_text(source, 4096, "source")
+        return source
 
 
 class VersionInfo(BaseModel):
@@ -173,7 +319,7 @@ class VersionInfo(BaseModel):
     kind: Kind
     representation: str
     ranks: list[int]
-    alphas: list[float]
+    alphas: list[float | None] = Field(description="LoRA alphas; None where the stored alpha is NaN or Inf")
     dtypes: list[str]
     n_params: int
     n_targets: int
@@ -184,6 +330,9 @@ class VersionInfo(BaseModel):
     tags: list[str]
     aliases: list[str]
     created_at: datetime
+    finite: bool | None = Field(None, description="whether every tensor value is finite, checked when it was added "
+                                "(False: it holds NaN or Inf, and merges refuse it); None: not checked (an ONNX "
+                                "export, or added before weightlab recorded it)")
 
     @property
     def artifact(self) -> str:
@@ -220,9 +369,11 @@ class LineageInput(BaseModel):
     def _check(self) -> LineageInput:
         if self.ref is None and self.tensor_hash is None:
             raise ValueError("give `ref` (a registered version), `tensor_hash` (an outside file), or both")
-        if self.tensor_hash is not None and not _HEX64.match(self.tensor_hash):
+        if self.tensor_hash is not None and not _HEX64.fullmatch(self.tensor_hash):
             raise ValueError(f"tensor_hash {self.tensor_hash!r} is not a sha256 digest (64 lowercase hex digits)")
         check_label(self.role, "role")
+        if self.label is not None:
+            _check_text(self.label, 1024, "lineage input label")
         return self
 
 
@@ -231,8 +382,13 @@ class Derivation(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     relation: Relation
-    inputs: list[LineageInput] = Field(min_length=1)
+    inputs: list[LineageInput] = Field(min_length=1, max_length=1000)
     recipe: dict[str, Any] | None = None
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe(cls, recipe: dict[str, Any] | None) -> dict[str, Any] | None:
+        return recipe if recipe is None else check_json(recipe, "recipe")
 
     @classmethod
     def from_recipe(cls, recipe: Any, *, input_hashes: dict[str, str] | None = None) -> Derivation:

@@ -41,7 +41,7 @@ class BlobStat:
 
 
 def check_digest(sha256: str) -> str:
-    if not _HEX64.match(sha256):
+    if not _HEX64.fullmatch(sha256):
         raise RegistryError(f"{sha256!r} is not a sha256 digest (64 lowercase hex digits).")
     return sha256
 
@@ -212,7 +212,7 @@ class LocalBlobStore(BlobStore):
         for sub in sorted(self._objects.iterdir()):
             for f in sorted(sub.iterdir()):
                 digest = sub.name + f.name
-                if _HEX64.match(digest):
+                if _HEX64.fullmatch(digest):
                     st = f.stat()
                     yield BlobStat(digest, st.st_size, st.st_mtime)
 

@@ -41,8 +41,8 @@ from weightlab.registry import folder_tar
 from weightlab.registry.ingest import stage
 from weightlab.registry.jobs import JobCreate, JobPublic, JobSpecError
 from weightlab.registry.onnx_artifact import check_residual
-from weightlab.registry.schemas import (Derivation, FileInfo, GcReport, Kind, LineageNode, Ref, VerifyReport, VersionInfo,
-                                        manifest_digest)
+from weightlab.registry.schemas import (Derivation, FileInfo, GcReport, Kind, LineageNode, MetadataError, Ref,
+                                        VerifyReport, VersionInfo, manifest_digest)
 from weightlab.registry.store import HashMismatchError, LocalBlobStore
 
 TOKEN_ENV = "WEIGHTLAB_TOKEN"
@@ -51,7 +51,8 @@ _PAGE = 1000
 _RETRIES = 5
 _ERRORS: dict[str, type[Exception]] = {cls.__name__: cls for cls in (
     NotFoundError, RegistryError, FileFormatError, UnsafeFileError, FamilyMismatchError, ShapeMismatchError,
-    NonFiniteError, RecipeError, HashMismatchError, AuthenticationError, PermissionDeniedError, JobSpecError)}
+    NonFiniteError, RecipeError, HashMismatchError, AuthenticationError, PermissionDeniedError, JobSpecError,
+    MetadataError)}
 
 
 class Client:

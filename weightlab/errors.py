@@ -21,6 +21,11 @@ class UnmatchedKeysError(WeightlabError):
         self.keys = list(keys)
 
 
+class AdapterOptionError(FileFormatError):
+    """A LoRA's adapter options (PEFT ``adapter_config.json``, diffusers ``lora_adapter_metadata``, ``.alpha`` keys)
+    contradict its tensors, or ask for something weightlab does not implement."""
+
+
 class FamilyMismatchError(WeightlabError):
     """A residual belongs to another architecture family than the base."""
 
@@ -51,6 +56,10 @@ class ExportError(WeightlabError):
 
 class SamplingError(WeightlabError):
     """A video sampling request the model cannot serve (too many frames, unsupported guidance or size)."""
+
+
+class ScheduleMismatchError(WeightlabError):
+    """A consistency-distilled residual was trained under another noise schedule than the stage or sampler using it."""
 
 
 def fmt_keys(keys, limit: int = 10) -> str:

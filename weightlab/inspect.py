@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from weightlab.files import file_sha256 as sha256_of, sniff, tensor_hash
-from weightlab.loading import PICKLE_WEIGHT_FILES, WEIGHT_FILES, load
+from weightlab.loading import PICKLE_WEIGHT_FILES, WEIGHT_FILES, load, lora_folder_file
 from weightlab.residuals import LoRA
 
 
@@ -20,7 +20,9 @@ class Inspection(BaseModel):
     kind_guess: str
     representation: str
     ranks: list[int] = []
-    alphas: list[float] = []
+    alphas: list[float] = []  # kohya's convention: scale = alpha / rank
+    alpha_source: str | None = None  # LoRA: `.alpha` keys, the PEFT options read, or "alpha = rank" (none found)
+    algebras: list[str] = []  # adapter algebras of its modules: lora, loha, lokr, full (+dora)
     n_targets: int
     dtypes: list[str]
     n_params: int
@@ -30,12 +32,15 @@ class Inspection(BaseModel):
     weights_file: str
     config: dict | None = None
     skipped: list[str] = []
+    finite: bool  # every floating-point value is finite (no NaN or Inf)
 
 
 def weights_file(path: Path) -> Path:
     """The single file holding the tensors of ``path`` (itself, or the weights file inside a diffusers folder)."""
     if not path.is_dir():
         return path
+    if (lora_file := lora_folder_file(path, allow_pickle=True)) is not None:
+        return lora_file
     folder = path / "unet" if (path / "unet").is_dir() else path
     for name in WEIGHT_FILES + PICKLE_WEIGHT_FILES:
         if (folder / name).is_file():
@@ -66,9 +71,12 @@ def inspect_path(path: str | Path, *, allow_pickle: bool = False, file_sha256: s
         path=str(path), format="diffusers" if path.is_dir() else ("safetensors" if is_st else "pickle"),
         family=res.family, kind_guess=res.kind, representation=res.representation,
         ranks=res.ranks if isinstance(res, LoRA) else [], alphas=res.alphas if isinstance(res, LoRA) else [],
+        alpha_source=res.alpha_source if isinstance(res, LoRA) else None,
+        algebras=res.algebras if isinstance(res, LoRA) else [],
         n_targets=len(res.targets) if isinstance(res, LoRA) else len(tensors),
         dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         n_params=sum(t.numel() for t in tensors.values()), size_bytes=wfile.stat().st_size,
         file_sha256=file_sha256 or sha256_of(wfile), tensor_hash=tensor_hash(wfile, header) if is_st else None,
         weights_file=str(wfile), config=getattr(res, "config", None) or None, skipped=res.skipped,
+        finite=not res.non_finite(),
     )

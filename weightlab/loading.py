@@ -7,19 +7,24 @@ validated and memory-mapped (nothing is copied until a tensor is used); pickles 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
-from weightlab.errors import FamilyMismatchError, FileFormatError, UnmatchedKeysError, WeightlabError, fmt_keys
-from weightlab.families import FAMILIES, SD15, detect_family, infer_motion_config
+from weightlab.errors import (AdapterOptionError, FileFormatError, ShapeMismatchError, UnmatchedKeysError,
+                              WeightlabError, fmt_keys)
+from weightlab.families import (FAMILIES, SD15, Family, best_family, detect_family, infer_motion_config,
+                                infer_unet_config, is_motion_unet_config, unet_shapes_for)
 from weightlab.files import load_tensors, mmap_tensors, sniff
-from weightlab.formats import ldm, lora, motion
+from weightlab.formats import adapter_config, ldm, lora, motion
+from weightlab.formats.adapter_config import AdapterConfig
 from weightlab.residuals import KINDS, Base, Dense, LoRA, MotionModule, Residual
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 PICKLE_WEIGHT_FILES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes into a folder
 _LCM_MARKERS = ("time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv", "conv_shortcut")
 
 
@@ -45,28 +50,15 @@ def _folder_weights(folder: Path, allow_pickle: bool) -> Path:
     raise FileFormatError(f"{folder}: no weights file ({', '.join(WEIGHT_FILES)}) found.")
 
 
-def _check_unmatched(unmatched: list[str], strict: bool, source, what: str) -> list[str]:
+def _check_unmatched(unmatched: list[str], strict: bool, source, what: str, target: str = "sd15 module") -> list[str]:
     if unmatched and strict:
         raise UnmatchedKeysError(
-            f"{source}: {len(unmatched)} {what} key(s) map to no sd15 module: {fmt_keys(unmatched)}. "
-            "Fix: use a residual made for an SD1.5 UNet, or pass strict=False (CLI: --lenient) to report and skip them.",
+            f"{source}: {len(unmatched)} {what} key(s) map to no {target}: {fmt_keys(unmatched)}. "
+            "Fix: use a file made for this architecture, or pass strict=False (CLI: --lenient) to report and skip them.",
             unmatched)
     if unmatched:
         log.warning("%s: skipping %d unmatched key(s): %s", source, len(unmatched), fmt_keys(unmatched))
     return sorted(unmatched)
-
-
-def _refuse_other_family(unmatched: list[str], unmatched_in, source) -> None:
-    """Raise FamilyMismatchError if another known family explains keys that sd15 cannot (an SDXL file, say).
-
-    ``unmatched_in(family)`` lists the file's keys that do not fit ``family``. Raised even with strict=False:
-    skipping would keep the keys whose names sd15 shares, and some of those even have sd15's shapes.
-    """
-    for fam in FAMILIES.values():
-        if fam is not SD15 and (left := set(unmatched_in(fam))) < set(unmatched):
-            raise FamilyMismatchError(
-                f"{source}: belongs to family {fam.name!r} ({fam.description}); weightlab merges sd15. Keys that do "
-                f"not exist in sd15: {fmt_keys(set(unmatched) - left)}. Fix: use a residual made for an sd15 base.")
 
 
 def _guess_lora_kind(targets: dict, source: Path, metadata: dict) -> str:
@@ -80,25 +72,43 @@ def _guess_lora_kind(targets: dict, source: Path, metadata: dict) -> str:
 
 def _full_unet(weights: dict, config: dict, *, kind: str | None, source: Path, metadata: dict, skipped: list,
                strict: bool, pipeline_dir: Path | None = None) -> Residual:
-    sig = SD15.signature
-    unknown = [k for k in weights if k not in sig]
-    if unknown:
-        _refuse_other_family(unknown, lambda fam: [k for k, v in weights.items() if fam.signature.get(k) != v.dim()], source)
-    skipped = skipped + _check_unmatched(unknown, strict, source, "UNet")
-    weights = {k: v for k, v in weights.items() if k in sig}
-    family = detect_family({k: v.dim() for k, v in weights.items()}, what=str(source)).name
     kind = kind or "base"
     if kind == "base":
-        missing = [k for k in SD15.unet_shapes if k not in weights]
-        if missing:
-            raise UnmatchedKeysError(
-                f"{source}: a base must hold the whole UNet; {len(missing)} parameter(s) missing: {fmt_keys(missing)}. "
-                "Fix: pass the complete checkpoint, or load it with kind='style' if it is a partial fine-tune.", missing)
-        return Base(family=family, kind="base", source=source, metadata=metadata, skipped=skipped, weights=weights,
-                    config=config or _unet_config_from_weights(weights), pipeline_dir=pipeline_dir)
+        return _base(weights, config, source=source, metadata=metadata, skipped=skipped, strict=strict,
+                     pipeline_dir=pipeline_dir)
     if kind != "style":
         raise WeightlabError(f"{source}: a full UNet checkpoint can be kind 'base' or 'style' (dense fine-tune), not {kind!r}.")
-    return Dense(family=family, kind=kind, source=source, metadata=metadata, skipped=skipped, weights=weights)
+    fam, unknown = best_family({k: v.dim() for k, v in weights.items()})  # a dense term is checked against the base at merge
+    skipped = skipped + _check_unmatched(unknown, strict, source, "UNet", f"{fam.name} module")
+    weights = {k: v for k, v in weights.items() if k not in unknown}
+    return Dense(family=fam.name, kind=kind, source=source, metadata=metadata, skipped=skipped, weights=weights)
+
+
+def _base(weights: dict, config: dict | None, *, source: Path, metadata: dict, skipped: list, strict: bool,
+          pipeline_dir: Path | None) -> Base:
+    """A base: its parameters are exactly those of the UNet its config describes (given, or inferred from the
+    weights), whatever the layout; the family only names it (and refuses residuals of another at merge)."""
+    spatial = {k: tuple(v.shape) for k, v in weights.items() if ".motion_modules." not in k}
+    config = config or infer_unet_config(spatial, what=str(source))
+    motion_shapes = {k: tuple(v.shape) for k, v in weights.items() if ".motion_modules." in k}
+    motion_cfg = (infer_motion_config(motion_shapes, what=str(source))
+                  if motion_shapes and not is_motion_unet_config(config) else None)
+    expected = unet_shapes_for(config, motion_config=motion_cfg)
+    unknown = [k for k in weights if k not in expected]
+    skipped = skipped + _check_unmatched(unknown, strict, source, "UNet", "parameter of the UNet its config describes")
+    weights = {k: v for k, v in weights.items() if k in expected}
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        raise UnmatchedKeysError(
+            f"{source}: a base must hold the whole UNet its config describes; {len(missing)} parameter(s) missing: "
+            f"{fmt_keys(missing)}. Fix: pass the complete checkpoint (with the config.json saved with it), or load it "
+            "with kind='style' if it is a partial fine-tune.", missing)
+    if bad := [f"{k}: {tuple(v.shape)} vs {expected[k]}" for k, v in weights.items() if tuple(v.shape) != expected[k]]:
+        raise ShapeMismatchError(f"{source}: {len(bad)} weight(s) do not have the shape the UNet config gives: "
+                                 f"{'; '.join(bad[:5])}. Fix: pass the config.json saved with these weights.")
+    family = detect_family({k: v.dim() for k, v in weights.items()}, what=str(source)).name
+    return Base(family=family, kind="base", source=source, metadata=metadata, skipped=skipped, weights=weights,
+                config=config, pipeline_dir=pipeline_dir)
 
 
 def _motion(weights: dict, *, config: dict | None, kind: str | None, source: Path, metadata: dict, strict: bool) -> MotionModule:
@@ -122,14 +132,55 @@ def _motion(weights: dict, *, config: dict | None, kind: str | None, source: Pat
     return MotionModule(family=family, source=source, metadata=metadata, skipped=skipped, weights=weights, config=config)
 
 
-def _lora(weights: dict, *, kind: str | None, source: Path, metadata: dict, strict: bool) -> LoRA:
-    targets, unmatched = lora.parse_lora(weights, SD15)
-    if unmatched:
-        _refuse_other_family(unmatched, lambda fam: lora.parse_lora(weights, fam)[1], source)
-    skipped = _check_unmatched(unmatched, strict, source, "LoRA")
+def _adapter_options(source: Path, metadata: dict, config_file: Path | None) -> AdapterConfig | None:
+    """PEFT options from the file's ``lora_adapter_metadata`` and/or an ``adapter_config.json``; both must agree."""
+    in_file = adapter_config.from_metadata(metadata, str(source))
+    beside = adapter_config.from_file(config_file) if config_file else None
+    if in_file and beside and dataclasses.replace(in_file, where="") != dataclasses.replace(beside, where=""):
+        raise AdapterOptionError(f"{source}: the adapter options in {in_file.where} and {beside.where} disagree "
+                                 f"({in_file.describe()} vs {beside.describe()}). Fix: keep the ones saved with "
+                                 "these weights and delete the other.")
+    return in_file or beside
+
+
+def _alpha_source(targets: dict, adapter: AdapterConfig | None) -> str:
+    """Where the alphas came from, for ``weightlab inspect``."""
+    if adapter is not None:
+        return adapter.describe()
+    targets = {p: t for p, t in targets.items() if t.rank is not None}  # a full diff or whole LoKr has no alpha
+    with_key = sum(t.alpha is not None for t in targets.values())
+    if with_key == len(targets):
+        return "`.alpha` keys" if targets else "no alphas (scale 1: full diffs or whole LoKr factors)"
+    none = "alpha = rank (scale 1; diffusers/PEFT convention for a file without alphas or adapter options)"
+    return none if with_key == 0 else f"`.alpha` keys for {with_key} of {len(targets)} modules; the others {none}"
+
+
+def _lora_family(weights: dict) -> Family:
+    """The first family (sd15, sd2, sdxl) whose modules explain the most keys, and then the most factor ranks
+    (sd2 makes ``proj_in``/``proj_out`` linear where sd15 has 1x1 convs). A LoRA whose modules several families
+    share gets the first; the merge accepts it into any base whose family has all its modules."""
+    best = None
+    for fam in FAMILIES.values():
+        targets, unmatched = lora.parse_lora(weights, fam)
+        misfit = sum(getattr(t, "down", None) is not None and t.down.dim() != fam.weight_modules[p]
+                     for p, t in targets.items())
+        if best is None or (len(unmatched), misfit) < best[0]:
+            best = (len(unmatched), misfit), fam
+        if best[0] == (0, 0):
+            break
+    return best[1]
+
+
+def _lora(weights: dict, *, kind: str | None, source: Path, metadata: dict, strict: bool,
+          config_file: Path | None = None) -> LoRA:
+    adapter = _adapter_options(source, metadata, config_file)
+    fam = _lora_family(weights)
+    targets, unmatched = lora.parse_lora(weights, fam, adapter=adapter, source=str(source))
+    skipped = _check_unmatched(unmatched, strict, source, "LoRA", f"{fam.name} module")
     if not targets:
-        raise UnmatchedKeysError(f"{source}: no LoRA target maps to an sd15 module. Fix: use an SD1.5 LoRA.", unmatched)
-    family = detect_family({f"{p}.weight": SD15.signature[f"{p}.weight"] for p in targets}, what=str(source)).name
+        raise UnmatchedKeysError(f"{source}: no LoRA target maps to a UNet module of any known family "
+                                 f"({', '.join(FAMILIES)}). Fix: use a LoRA made for a Stable Diffusion UNet.", unmatched)
+    family = fam.name
     kind = kind or metadata.get("weightlab.kind") or _guess_lora_kind(targets, source, metadata)
     if kind not in ("style", "image_accel", "motion_lora"):
         raise WeightlabError(f"{source}: a LoRA can be kind style, image_accel or motion_lora, not {kind!r}.")
@@ -137,15 +188,18 @@ def _lora(weights: dict, *, kind: str | None, source: Path, metadata: dict, stri
     if kind == "motion_lora" and len(motion_targets) != len(targets):
         raise WeightlabError(f"{source}: a motion LoRA may only target motion-module weights; found spatial targets "
                              f"{fmt_keys([p for p in targets if p not in motion_targets])}.")
-    return LoRA(family=family, kind=kind, source=source, metadata=metadata, skipped=skipped, targets=targets)
+    return LoRA(family=family, kind=kind, source=source, metadata=metadata, skipped=skipped, targets=targets,
+                alpha_source=_alpha_source(targets, adapter))
 
 
 def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = False, strict: bool = True) -> Residual:
     """Load a base, LoRA, dense fine-tune or motion module from any supported layout.
 
     Args:
-        path (str | Path): a ``.safetensors`` file, a pickle checkpoint (needs ``allow_pickle``), or a diffusers
-            folder (pipeline, ``unet/``, ``MotionAdapter``).
+        path (str | Path): a ``.safetensors`` file, a pickle checkpoint (needs ``allow_pickle``), a diffusers
+            folder (pipeline, ``unet/``, ``MotionAdapter``, ``save_lora_weights`` output) or a PEFT adapter folder
+            (``adapter_config.json`` + ``adapter_model.safetensors``; a PEFT weights file given alone reads the
+            ``adapter_config.json`` beside it). LoRA alphas: `weightlab.formats.adapter_config`.
         kind (str | None, default None): declare the role (``base``, ``style``, ``image_accel``, ``motion``,
             ``motion_lora``); detected when None. A full checkpoint declared ``style`` becomes a :class:`Dense`.
         allow_pickle (bool, default False): read ``.ckpt/.pt/.bin`` with ``torch.load(weights_only=True)`` in a child process.
@@ -171,7 +225,8 @@ def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = Fals
     stored_cfg = metadata.get("weightlab.config")
     stored_cfg = _json_object(stored_cfg, f"{path}: __metadata__ weightlab.config") if stored_cfg else None
     if lora.is_lora(weights):
-        return _lora(weights, kind=kind, source=path, metadata=metadata, strict=strict)
+        return _lora(weights, kind=kind, source=path, metadata=metadata, strict=strict,
+                     config_file=adapter_config.sibling_config(path))
     if ldm.is_ldm(weights):
         converted, config, skipped = ldm.convert_ldm_unet(weights, strict=strict, source=str(path))
         return _full_unet(converted, stored_cfg or config, kind=kind, source=path, metadata=metadata,
@@ -182,7 +237,7 @@ def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = Fals
         return _motion(weights, config=stored_cfg, kind=kind, source=path, metadata=metadata, strict=strict)
     raise UnmatchedKeysError(
         f"{path}: not a recognised UNet, LoRA or motion-module file (first keys: {fmt_keys(list(weights), 5)}). "
-        "Fix: pass an SD1.5 checkpoint, a LoRA (PEFT/diffusers/kohya keys) or an AnimateDiff motion module.", list(weights))
+        "Fix: pass a Stable Diffusion UNet checkpoint, a LoRA (PEFT/diffusers/kohya keys) or an AnimateDiff motion module.", list(weights))
 
 
 def _json_object(text: str, where: str) -> dict:
@@ -196,18 +251,36 @@ def _json_object(text: str, where: str) -> dict:
     return doc
 
 
-def _unet_config_from_weights(weights: dict) -> dict:
-    ldm_names = ldm.diffusers_to_ldm({k: v for k, v in weights.items() if ".motion_modules." not in k})
-    return ldm.infer_unet_config({k[len(ldm.LDM_UNET_PREFIX):]: v for k, v in ldm_names.items()})
+def lora_folder_file(folder: Path, allow_pickle: bool) -> Path | None:
+    """The weights file of a PEFT adapter folder or of a folder diffusers' ``save_lora_weights`` wrote, or None."""
+    names = adapter_config.PEFT_WEIGHT_FILES if (folder / adapter_config.CONFIG_FILE).is_file() else ()
+    if not names and (folder / DIFFUSERS_LORA_FILE).is_file() and not (folder / "config.json").is_file():
+        names = (DIFFUSERS_LORA_FILE,)
+    for name in names:
+        if (folder / name).is_file():
+            if name.endswith(".bin") and not allow_pickle:
+                load_tensors(folder / name)  # raises UnsafeFileError with the opt-in hint
+            return folder / name
+    if names:
+        raise FileFormatError(f"{folder}: has {adapter_config.CONFIG_FILE} but no {' or '.join(names)}. "
+                              "Fix: pass the folder PEFT's save_pretrained wrote, complete.")
+    return None
 
 
 def _load_folder(path: Path, *, kind: str | None, allow_pickle: bool, strict: bool) -> Residual:
+    lora_file = lora_folder_file(path, allow_pickle)
+    if lora_file is not None:
+        weights, metadata = read_weights(lora_file, allow_pickle=allow_pickle)
+        config_file = path / adapter_config.CONFIG_FILE
+        return _lora(weights, kind=kind, source=path, metadata=metadata, strict=strict,
+                     config_file=config_file if config_file.is_file() else None)
     pipeline_dir = None
     if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
         pipeline_dir, path = path, path / "unet"
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise FileFormatError(f"{path}: a folder needs a diffusers config.json (or model_index.json with unet/).")
+        raise FileFormatError(f"{path}: a folder needs a diffusers config.json (or model_index.json with unet/), or "
+                              f"PEFT's {adapter_config.CONFIG_FILE} + adapter_model.safetensors.")
     raw_config = _json_object(cfg_file.read_text(), str(cfg_file))
     config = {k: v for k, v in raw_config.items() if not k.startswith("_")}
     cls = raw_config.get("_class_name", "")

@@ -6,6 +6,9 @@ Rules (DESIGN.md "Merge engine semantics"):
 - everything is validated (family, keys, shapes, finite values) before the first weight is written;
 - γ is applied in weight space as the exact scaling of each motion module's ``proj_out`` (weight and bias),
   which scales the zero-initialised residual motion branch by exactly γ;
+- a LoRA stays factored (``up @ down`` in the kernel); a DoRA term's residual is its merged weight minus the
+  pristine ``w0`` (docs/formats.md "DoRA"); another adapter algebra (LoHa, LoKr, full diff) enters as its dense
+  ΔW, computed once per merged tensor (`weightlab.formats.algebra`);
 - the per-tensor arithmetic is :func:`weightlab.kernels.merge` (fused Triton kernel on CUDA, PyTorch otherwise).
 
 Entry points: :class:`Merger` (in place into a live diffusers UNet), :func:`build_unet`, :func:`merge_to_file`
@@ -24,13 +27,13 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from weightlab.errors import (FamilyMismatchError, RecipeError, ShapeMismatchError, UnmatchedKeysError,
-                              WeightlabError, fmt_keys)
+from weightlab.errors import RecipeError, ShapeMismatchError, UnmatchedKeysError, WeightlabError, fmt_keys
+from weightlab.families import best_family, check_fits
 from weightlab.files import release_pages
 from weightlab.loading import load
 from weightlab.methods import get_method
 from weightlab.recipe import KIND_ORDER, Recipe
-from weightlab.residuals import Base, Dense, LoRA, MotionModule, Residual
+from weightlab.residuals import Base, Dense, LoRA, LoRATarget, MotionModule, Residual
 
 log = logging.getLogger(__name__)
 PROJ_OUT = re.compile(r"\.motion_modules\.\d+\.proj_out\.(weight|bias)$")
@@ -48,8 +51,12 @@ class Input:
     source: str = ""
 
 
-def _lora_module(key: str) -> str | None:
-    return key[: -len(".weight")] if key.endswith(".weight") else None
+def _structure(res: Residual) -> dict[str, int | None]:
+    """Parameter name -> rank of what a residual changes (a LoRA factor's rank is its weight's: 2 linear, 4 conv)."""
+    if isinstance(res, LoRA):
+        return {f"{p}.weight": f.down.dim() if getattr(f, "down", None) is not None else None
+                for p, f in res.targets.items()}
+    return {k: v.dim() for k, v in res.tensors().items()}
 
 
 @dataclass
@@ -61,7 +68,7 @@ class Composition:
     shapes: dict[str, tuple[int, ...]]  # output key -> shape
     method: str = "linear"
     method_args: dict = field(default_factory=dict)
-    family: str = "sd15"
+    family: str | None = "sd15"  # the base's; None: the model fits no known family, shapes alone decide
     touching: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,9 +92,8 @@ class Composition:
             res = t.residual
             if not isinstance(res, RESIDUAL_KINDS[t.kind]):
                 raise RecipeError(f"{t.source}: a {type(res).__name__} cannot be a {t.kind!r} term. Fix: check the term's kind.")
-            if res.family != self.family:
-                raise FamilyMismatchError(f"{t.source}: family {res.family!r} does not match the base family "
-                                          f"{self.family!r}. Fix: use a residual made for a {self.family} base.")
+            if self.family is not None:
+                check_fits(_structure(res), res.family, self.family, what=t.source or "a term")
             keys = res.target_keys
             missing = [k for k in keys if k not in self.shapes]
             if missing:
@@ -115,9 +121,12 @@ class Composition:
         if isinstance(res, LoRA):
             for path, f in res.targets.items():
                 shape = self.shapes[f"{path}.weight"]
-                out_f, in_f = shape[0], int(torch.Size(shape[1:]).numel())
-                if f.up.shape[0] != out_f or f.down.reshape(f.rank, -1).shape[1] != in_f or f.up.reshape(out_f, -1).shape[1] != f.rank:
-                    bad.append(f"{path}: up {tuple(f.up.shape)} @ down {tuple(f.down.shape)} vs weight {shape}")
+                if (why := f.misfit(shape)) is not None:
+                    bad.append(f"{path}: {why}")
+                elif f.magnitude is not None and not f.magnitude_fits(shape):
+                    bad.append(f"{path}: DoRA magnitude {tuple(f.magnitude.shape)} vs weight {shape}")
+                elif "bias" in f.params and (f.bias_delta().shape[0],) != self.shapes[f"{path}.bias"]:
+                    bad.append(f"{path}: bias change {tuple(f.bias_delta().shape)} vs bias {self.shapes[f'{path}.bias']}")
         else:
             bad = [f"{k}: {tuple(v.shape)} vs {self.shapes[k]}" for k, v in res.tensors().items() if tuple(v.shape) != self.shapes[k]]
         if bad:
@@ -133,7 +142,7 @@ class Composition:
             res = t.residual
             if isinstance(res, LoRA):
                 for f in res.targets.values():
-                    f.down, f.up = f.down.to(device), f.up.to(device)
+                    f.to_device(device)
             elif t.kind != "motion":
                 res.weights = {k: v.to(device) for k, v in res.weights.items()}
 
@@ -153,17 +162,29 @@ class Composition:
         gamma = motion.scale if (motion is not None and PROJ_OUT.search(key)) else 1.0
         base_scale = gamma  # γ scales the motion branch's output projection (and motion-LoRA terms on it)
         loras, denses, styles = [], [], []
-        module = _lora_module(key)
+        module, param = key.rsplit(".", 1)
         for i in self.touching.get(key, ()):
             t = self.inputs[i]
             res = t.residual
             if isinstance(res, LoRA):
                 f = res.targets[module]
-                scale = t.scale * f.scale * (gamma if t.kind == "motion_lora" else 1.0)
-                if self._combine is not None and t.kind == "style":
-                    styles.append(scale * (f.up.float().reshape(f.up.shape[0], -1) @ f.down.float().reshape(f.rank, -1)).reshape(w0.shape))
+                strength = t.scale * (gamma if t.kind == "motion_lora" else 1.0)
+                if isinstance(f, LoRATarget) and f.magnitude is None:  # kept factored for the kernels
+                    scale = t.scale * f.scale * (gamma if t.kind == "motion_lora" else 1.0)
+                    if self._combine is not None and t.kind == "style":
+                        styles.append(scale * (f.up.float().reshape(f.up.shape[0], -1) @ f.down.float().reshape(f.rank, -1)).reshape(w0.shape))
+                    else:
+                        loras.append((f.down, f.up, scale))
+                    continue
+                # DoRA: its residual is dora_weight(w0) − w0, from the pristine w0; another algebra: its dense ΔW
+                if f.magnitude is not None:
+                    w = f.dora_weight(w0)
                 else:
-                    loras.append((f.down, f.up, scale))
+                    w = w0.float() + (f.bias_delta() if param == "bias" else f.delta(w0.shape))
+                if self._combine is not None and t.kind == "style":
+                    styles.append(strength * (w - w0.float()))
+                else:
+                    denses.append((w, strength))
             elif isinstance(res, Dense):
                 if self._combine is not None:
                     styles.append(t.scale * (res.weights[key].float() - w0.float()))
@@ -189,9 +210,11 @@ def resolve_source(source: str) -> Path:
     if re.fullmatch(r"[\w.-]+/[\w.-]+([@:][\w.-]+)?", source):
         try:
             from weightlab.registry.api import Registry
+            from weightlab.registry.schemas import check_finite
         except ImportError as e:  # registry not installed/available
             raise RecipeError(f"{source!r} is not a file and the registry is unavailable: {e}") from None
-        return Registry().path(source)
+        with Registry() as reg:
+            return reg.path(check_finite(reg.get(source)).ref)
     raise RecipeError(f"{source!r}: no such file or folder, and not a registry reference (ns/name@version). Fix: check the path.")
 
 
@@ -257,7 +280,9 @@ class Merger:
             touched = set().union(*(i.residual.target_keys for i in inputs)) if inputs else set()
             base = Base(weights={k: self._params[k].detach().clone() for k in touched if k in self._params}, config={})
             shapes_for = {k: shapes[k] for k in base.weights}
-            self.composition = Composition(base.weights, list(inputs), shapes_for, method, dict(method_args or {}))
+            fam, misfits = best_family({k: len(s) for k, s in shapes.items()})
+            self.composition = Composition(base.weights, list(inputs), shapes_for, method, dict(method_args or {}),
+                                           family=None if misfits else fam.name)
         else:
             self.composition = _composition(base, list(inputs), shapes, method, method_args)
         self._order = list(inputs)

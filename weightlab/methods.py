@@ -6,8 +6,12 @@ the already-scaled fp32 style deltas of one tensor and return one combined delta
 - ``ties`` (Yadav et al. 2023): keep the top ``density`` fraction of each delta by magnitude, elect a sign per
   element by the summed mass, average the surviving entries that agree with it (disjoint mean).
 - ``dare`` (Yu et al. 2023): drop each entry with probability ``1 − density`` and rescale the rest by
-  ``1/density``, then sum. Seeded per tensor name, so a merge is reproducible.
+  ``1/density``, then sum. Seeded per tensor name, so a merge is reproducible: one CPU ``torch.Generator`` per
+  tensor, seeded with the first 8 bytes (little-endian, top bit cleared) of ``sha256(f"{seed}:{key}")``, draws
+  ``torch.rand(delta.shape)`` once per delta in the order given; an entry is kept where its draw is < ``density``.
 - ``svd``: sum the deltas, keep the best rank-``rank`` approximation (a re-ranked combined LoRA).
+
+The engine passes the deltas in the recipe's canonical term order (kind, then source, then scale).
 
 LoRAs are always expanded to ``ΔW = B·A`` first; factors are never averaged separately.
 """

@@ -4,8 +4,8 @@
 :class:`~weightlab.video.Clip`. It needs only torch, diffusers (the scheduler), transformers (the tokenizer) and
 onnxruntime. Execution providers: CUDA with IO binding when a GPU and ``onnxruntime-gpu`` are present (TensorRT on
 request), the CPU otherwise. Every model input and output is a torch tensor bound in place (IO binding, on the
-ORT compute stream shared with torch), and the LCM scheduler runs in torch on the same device, so latents and
-noise never leave the device between steps; the scheduler only reads a few scalars per step.
+ORT compute stream shared with torch), and the scheduler (LCM, or the DDIM/DPM-Solver++ baselines) runs in torch on
+the same device, so latents and noise never leave the device between steps; it only reads a few scalars per step.
 
 Example:
     >>> pipe = OnnxVideoPipeline("export/")                     # doctest: +SKIP
@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from weightlab.errors import ExportError, WeightlabError
-from weightlab.video import (DECODE_CHUNK, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_STEPS, Clip, check_request,
-                             postprocess, sync)
+from weightlab.schedules import NoiseSchedule, make_scheduler
+from weightlab.video import (DECODE_CHUNK, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Clip,
+                             check_request, postprocess, sync)
 
 MANIFEST = "manifest.json"
 PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
@@ -183,7 +184,7 @@ class OnnxVideoPipeline:
 
     def __call__(self, prompt: str, *, frames: int = DEFAULT_FRAMES, steps: int = DEFAULT_STEPS,
                  guidance: float = DEFAULT_GUIDANCE, seed: int = 0, height: int | None = None, width: int | None = None,
-                 negative_prompt: str | None = None, progress: bool = True) -> Clip:
+                 negative_prompt: str | None = None, progress: bool = True, sampler: str = DEFAULT_SAMPLER) -> Clip:
         """Sample one clip; arguments as :meth:`weightlab.video.VideoPipeline.__call__`."""
         import torch
         from diffusers.utils.torch_utils import randn_tensor
@@ -192,9 +193,8 @@ class OnnxVideoPipeline:
         cfg, factor = self.config, self.config["vae_scale_factor"]
         height = height or cfg["sample_size"] * factor
         width = width or cfg["sample_size"] * factor
-        check_request(frames=frames, steps=steps, guidance=guidance, height=height, width=width,
-                      max_frames=cfg["max_frames"], original_steps=self.scheduler.config.original_inference_steps,
-                      multiple=8 * factor)
+        check_request(sampler=sampler, frames=frames, steps=steps, guidance=guidance, height=height, width=width,
+                      max_frames=cfg["max_frames"], scheduler_config=self.scheduler.config, multiple=8 * factor)
         device, do_cfg = self.device, guidance > 1.0
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -204,11 +204,14 @@ class OnnxVideoPipeline:
             embeds = embeds.repeat_interleave(frames, dim=0)
             sync(device)
             t1 = time.perf_counter()
-            scheduler = self.scheduler
+            lcm = self.scheduler
+            scheduler = lcm if sampler == "lcm" else make_scheduler(sampler, lcm.config, NoiseSchedule.from_config(lcm.config))
             scheduler.set_timesteps(steps, device=device)
-            # Keep the scheduler's tables on the device: step() indexes them with device timesteps.
+            # Keep the scheduler's tables on the device: LCM and DDIM index them with device timesteps (DPM-Solver++
+            # indexes its sigmas with Python ints).
             scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-            scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
+            if hasattr(scheduler, "final_alpha_cumprod"):
+                scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
             generator = torch.Generator(device).manual_seed(seed)
             shape = (1, cfg["latent_channels"], frames, height // factor, width // factor)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype) * scheduler.init_noise_sigma

@@ -2,13 +2,15 @@
 
 ``Base``  – complete UNet weights (``w0``; may include motion modules when it is a merged video UNet).
 ``Dense`` – a full fine-tune; its residual is ``W − w0`` against the base it is merged into.
-``LoRA``  – low-rank factors per target module; delta = (alpha / rank) · up @ down.
+``LoRA``  – adapter factors per target module: delta = (alpha / rank) · up @ down, or another registered algebra
+            (LoHa, LoKr, full diff: `weightlab.formats.algebra`), or DoRA.
 ``MotionModule`` – new parameters (AnimateDiff temporal blocks); their "w0" is zero.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,36 +18,190 @@ from typing import ClassVar, Literal
 
 import torch
 
-from weightlab.errors import NonFiniteError, fmt_keys
+from weightlab.errors import NonFiniteError, WeightlabError, fmt_keys
 from weightlab.files import release_pages
+from weightlab.formats import algebra as algebras
 
 Kind = Literal["base", "style", "image_accel", "motion", "motion_lora"]
 KINDS: tuple[str, ...] = ("base", "style", "image_accel", "motion", "motion_lora")
 META_PREFIX = "weightlab."
 
 
+@dataclass(kw_only=True)
+class AdapterTarget(ABC):
+    """One target module of an adapter: ``ΔW = scale · algebra(factors)``, or DoRA's merged weight.
+
+    ``alpha`` is in kohya's convention, scale = alpha / rank, whatever the file's: readers convert PEFT's options
+    to it (``lora_alpha``, patterns, rsLoRA's alpha / √r; `weightlab.formats.adapter_config`). None means
+    alpha = rank (scale 1), as PEFT/diffusers files without alphas. ``magnitude`` makes it DoRA, and the merged
+    weight is :meth:`dora_weight`, not w0 + ΔW; ``dora`` names whose definition: ``"peft"`` (PEFT's
+    ``lora_magnitude_vector``, one value per output channel) or ``"lycoris"`` (kohya/LyCORIS ``dora_scale``, per
+    output channel ``[out, 1, ...]`` or per input channel ``[1, in, ...]``).
+    """
+
+    alpha: float | None = None
+    magnitude: torch.Tensor | None = None
+    dora: Literal["peft", "lycoris"] = "peft"
+
+    @property
+    @abstractmethod
+    def rank(self) -> int | None:
+        """What alpha is divided by; None for an algebra without alpha (scale 1)."""
+
+    @abstractmethod
+    def _unscaled(self, shape) -> torch.Tensor:
+        """fp32 ΔW / scale with the weight's ``shape``."""
+
+    @abstractmethod
+    def factors(self) -> dict[str, torch.Tensor]:
+        """Key suffix (``lora_A.weight``, ``hada_w1_a``) -> tensor, as ``LoRA.save`` writes them."""
+
+    @abstractmethod
+    def misfit(self, shape) -> str | None:
+        """Why the factors cannot make a weight of ``shape``, or None."""
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The parameters of the module it changes (``weight``; ``bias`` too for a full diff with ``diff_b``)."""
+        return ("weight",)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None or self.rank is None else float(self.alpha) / self.rank
+
+    def delta(self, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
+        """fp32 ``scale · ΔW`` with the target weight's shape.
+
+        Raises:
+            WeightlabError: a DoRA target, whose change to the weight depends on it (use :meth:`dora_weight`).
+        """
+        if self.magnitude is not None:
+            raise WeightlabError("a DoRA target's change depends on the weight it is merged into. "
+                                 "Fix: use LoRATarget.dora_weight(w0).")
+        return self.scale * self._unscaled(shape)
+
+    def bias_delta(self) -> torch.Tensor:
+        """fp32 change of the module's bias (only for targets whose ``params`` include ``bias``)."""
+        raise WeightlabError(f"a {self.algebra} target does not change a bias.")
+
+    def dora_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        """DoRA's merged weight ``m · (w0 + ΔW) / ‖w0 + ΔW‖`` in fp32 (ΔW = scale · algebra(factors)).
+
+        ``"peft"``: the norm per output channel over the other dims (PEFT ``DoraLinearVariant`` /
+        ``DoraConv2dVariant.merge_safe``). ``"lycoris"``: per output channel, or per input channel over the other
+        dims when ``magnitude`` is ``[1, in, ...]``, plus the magnitude dtype's eps (lycoris-lora
+        ``functional/general.py`` ``_weight_decompose``).
+        """
+        w = w0.float() + self.scale * self._unscaled(w0.shape)
+        if self.dora == "lycoris" and not self._on_output(w.shape):
+            norm = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1) + torch.finfo(self.magnitude.dtype).eps
+            return w * (self.magnitude.float().reshape(-1) / norm).reshape(1, -1, *[1] * (w.dim() - 2))
+        norm = w.reshape(w.shape[0], -1).norm(dim=1)
+        if self.dora == "lycoris":
+            norm = norm + torch.finfo(self.magnitude.dtype).eps
+        return w * (self.magnitude.float().reshape(-1) / norm).reshape(-1, *[1] * (w.dim() - 1))
+
+    def magnitude_fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether the DoRA magnitude has one value per output channel (or, LyCORIS, per input channel) of ``shape``."""
+        if self.dora == "lycoris" and not self._on_output(shape):
+            return len(shape) > 1 and tuple(self.magnitude.shape) == (1, shape[1], *[1] * (len(shape) - 2))
+        return self.magnitude.numel() == shape[0]
+
+    def _on_output(self, shape) -> bool:
+        return self.magnitude.shape[0] == shape[0] and self.magnitude.numel() == shape[0]
+
+    def tensors(self, path: str) -> dict[str, torch.Tensor]:
+        """This target's tensors under module ``path``, as ``LoRA.save`` writes them (alpha, DoRA magnitude included)."""
+        out = {f"{path}.{k}": v for k, v in self.factors().items()}
+        if self.alpha is not None:
+            out[f"{path}.alpha"] = torch.tensor(float(self.alpha))
+        if self.magnitude is not None:
+            out[f"{path}.{'dora_scale' if self.dora == 'lycoris' else 'lora_magnitude_vector'}"] = self.magnitude
+        return out
+
+    def to_device(self, device: torch.device) -> None:
+        """Move every tensor to ``device`` in place."""
+        self.magnitude = None if self.magnitude is None else self.magnitude.to(device)
+
+
 @dataclass
-class LoRATarget:
-    """Factors of one target module. ``down``: ``[r, in(, kh, kw)]``; ``up``: ``[out, r(, 1, 1)]``."""
+class LoRATarget(AdapterTarget):
+    """LoRA factors of one target module: ΔW = scale · up @ down. ``down``: ``[r, in(, kh, kw)]``; ``up``:
+    ``[out, r(, 1, 1)]`` (a LoCon Tucker core is folded into ``down``: `weightlab.formats.algebra.lora`). Merged by
+    the fused kernels as factors, unless it is DoRA."""
 
     down: torch.Tensor
     up: torch.Tensor
-    alpha: float | None = None  # None means alpha == rank (scale 1), as PEFT/diffusers files without alphas
+
+    algebra: ClassVar[str] = "lora"
 
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    def _unscaled(self, shape) -> torch.Tensor:
+        return algebras.lora.delta({"down": self.down, "up": self.up}, shape or (self.up.shape[0], *self.down.shape[1:]))
+
+    def factors(self):
+        return {"lora_A.weight": self.down, "lora_B.weight": self.up}
+
+    def misfit(self, shape) -> str | None:
+        out_f, in_f = shape[0], math.prod(shape[1:])
+        if self.up.shape[0] != out_f or self.down.reshape(self.rank, -1).shape[1] != in_f or self.up.reshape(out_f, -1).shape[1] != self.rank:
+            return f"up {tuple(self.up.shape)} @ down {tuple(self.down.shape)} vs weight {tuple(shape)}"
+        return None
+
+    def to_device(self, device):
+        super().to_device(device)
+        self.down, self.up = self.down.to(device), self.up.to(device)
+
+
+@dataclass
+class FactorTarget(AdapterTarget):
+    """A target of any other registered algebra (LoHa, LoKr, full diff): the file's factors by name, its ΔW computed
+    once per merge as a dense term (`weightlab.formats.algebra`). ``name`` is the module's name in the file."""
+
+    algebra: str
+    factor_map: dict[str, torch.Tensor]
+    name: str = ""
+
+    @property
+    def _def(self) -> algebras.Algebra:
+        return algebras.ALGEBRAS[self.algebra]
+
+    @property
+    def rank(self) -> int | None:
+        return self._def.rank(self.factor_map)
+
+    @property
+    def params(self):
+        bias = self._def.bias
+        return ("weight", "bias") if bias is not None and bias in self.factor_map else ("weight",)
+
     @property
     def scale(self) -> float:
-        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+        # LyCORIS reads an alpha of 0 as "alpha = rank" (scale 1), as it does a missing one.
+        return 1.0 if not self.alpha or self.rank is None else float(self.alpha) / self.rank
 
-    def delta(self, shape: tuple[int, ...] | torch.Size | None = None) -> torch.Tensor:
-        """fp32 ``scale · up @ down`` reshaped to the target weight's shape (conv via the 2-D reshape)."""
-        d = self.scale * (self.up.float().reshape(self.up.shape[0], -1) @ self.down.float().reshape(self.rank, -1))
-        if shape is None:
-            shape = (self.up.shape[0], *self.down.shape[1:])
-        return d.reshape(shape)
+    def _unscaled(self, shape) -> torch.Tensor:
+        return self._def.delta(self.factor_map, shape)
+
+    def bias_delta(self) -> torch.Tensor:
+        if "bias" not in self.params:
+            return super().bias_delta()
+        return self.factor_map[self._def.bias].float()
+
+    def factors(self):
+        suffix = {f: s for s, f in self._def.suffixes.items()}
+        return {suffix[f].lstrip("."): v for f, v in self.factor_map.items()}
+
+    def misfit(self, shape) -> str | None:
+        why = self._def.check(self.factor_map, tuple(shape))
+        return None if why is None else f"{self.algebra} `{self.name}`: {why}"
+
+    def to_device(self, device):
+        super().to_device(device)
+        self.factor_map = {k: v.to(device) for k, v in self.factor_map.items()}
 
 
 def _all_finite(v: torch.Tensor) -> bool:
@@ -74,13 +230,18 @@ class Residual(ABC):
     def target_keys(self) -> set[str]:
         """UNetMotionModel parameter names this residual writes."""
 
-    def check_finite(self) -> None:
-        """Raise `NonFiniteError` naming every tensor with a NaN or Inf (the pages read are released again)."""
+    def non_finite(self) -> list[str]:
+        """The tensors holding a NaN or Inf (the pages read are released again)."""
         bad = []
         for k, v in self.tensors().items():
             if v.is_floating_point() and not _all_finite(v):
                 bad.append(k)
             release_pages(v)
+        return bad
+
+    def check_finite(self) -> None:
+        """Raise `NonFiniteError` naming every tensor with a NaN or Inf (the pages read are released again)."""
+        bad = self.non_finite()
         if bad:
             raise NonFiniteError(f"{self.source or self.kind}: NaN/Inf values in {fmt_keys(bad)}. Fix: the file is damaged or was trained into divergence; use another.")
 
@@ -89,6 +250,7 @@ class Residual(ABC):
         from weightlab.files import save_tensors
 
         meta = dict(self.metadata)
+        meta.pop("lora_adapter_metadata", None)  # a LoRA's options are written as its `.alpha` keys (tensors())
         meta.update({f"{META_PREFIX}kind": self.kind, f"{META_PREFIX}family": self.family,
                      f"{META_PREFIX}representation": self.representation})
         cfg = getattr(self, "config", None)
@@ -135,32 +297,34 @@ class Dense(Weights):
 
 @dataclass
 class LoRA(Residual):
-    """Low-rank residual: module path -> :class:`LoRATarget`."""
+    """Adapter residual: module path -> :class:`LoRATarget` or :class:`FactorTarget`; ``alpha_source`` says where
+    the alphas came from."""
 
-    targets: dict[str, LoRATarget] = field(default_factory=dict)
+    targets: dict[str, AdapterTarget] = field(default_factory=dict)
+    alpha_source: str = ""
     kind: str = "style"
     representation: ClassVar[str] = "lora"
 
     def tensors(self):
-        out = {}
-        for path, t in self.targets.items():
-            out[f"{path}.lora_A.weight"] = t.down
-            out[f"{path}.lora_B.weight"] = t.up
-            if t.alpha is not None:
-                out[f"{path}.alpha"] = torch.tensor(float(t.alpha))
-        return out
+        return {k: v for path, t in self.targets.items() for k, v in t.tensors(path).items()}
 
     @property
     def target_keys(self):
-        return {f"{p}.weight" for p in self.targets}
+        return {f"{p}.{param}" for p, t in self.targets.items() for param in t.params}
 
     @property
     def ranks(self) -> list[int]:
-        return sorted({t.rank for t in self.targets.values()})
+        return sorted({t.rank for t in self.targets.values() if t.rank is not None})
 
     @property
     def alphas(self) -> list[float]:
-        return sorted({float(t.alpha if t.alpha is not None else t.rank) for t in self.targets.values()})
+        return sorted({float(t.alpha if t.alpha is not None else t.rank) for t in self.targets.values()
+                       if t.rank is not None})
+
+    @property
+    def algebras(self) -> list[str]:
+        """The adapter algebras of its targets (``lora``, ``loha``, ``lokr``, ``full``; ``+dora`` when DoRA)."""
+        return sorted({t.algebra + ("+dora" if t.magnitude is not None else "") for t in self.targets.values()})
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """A tiny SD1.5-shaped model family built in code, deterministic by seed, written in real on-disk layouts.
 
 Used by the test suite and ``make demo``; nothing is downloaded. The UNet keeps SD1.5's exact block
-layout (so family detection says ``sd15``) at a fraction of the width.
+layout (so family detection says ``sd15``) at a fraction of the width. :func:`build_tiny_variant` writes
+tiny pipelines of the other UNet configs weightlab merges: SD2.x-, SDXL- and distilled-SD1.5-shaped.
 
 Example:
     >>> fam = build_tiny_family("/tmp/tiny")      # doctest: +SKIP
@@ -41,6 +42,43 @@ LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 MOTION_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 VERSION = "1"
+# Tiny UNets of other configs, each keeping its model's structure at 1/20 the width (DESIGN.md "Family").
+# SD2.x: linear attention projections, wider cross-attention than SD1.5 (1024 vs 768), 64-channel heads
+# (attention_head_dim is diffusers' per-block head count: SD2's (5, 10, 20, 20) = widths / 64; here / 8).
+TINY_SD2_UNET_CONFIG = dict(TINY_UNET_CONFIG, cross_attention_dim=48, attention_head_dim=(2, 4, 8, 8),
+                            use_linear_projection=True)
+# SDXL: three blocks (the first without attention), transformer depth per block, cross-attention over both text
+# encoders' hidden states (32 + 32, as 768 + 1280), text_time embedding of text_encoder_2's pooled projection (32)
+# plus six time ids (6 x 8): projection_class_embeddings_input_dim = 48 + 32, as 6 x 256 + 1280 = 2816.
+TINY_SDXL_UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+    attention_head_dim=(2, 4, 8), transformer_layers_per_block=[1, 2, 3], use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+    norm_num_groups=16,
+)
+# Distilled SD1.5 as BK-SDM-Small ships it: one layer per down block (two per up block), no mid block.
+TINY_DISTILLED_UNET_CONFIG = dict(TINY_UNET_CONFIG, layers_per_block=1, mid_block_type=None)
+# The schedulers the real models ship: SD2.x-768 is v-prediction (its DDIM config), SDXL and SD1.5 epsilon.
+SD2_SCHEDULER = dict(
+    _class_name="DDIMScheduler", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
+)
+SDXL_SCHEDULER = dict(
+    _class_name="EulerDiscreteScheduler", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    num_train_timesteps=1000, steps_offset=1, prediction_type="epsilon", timestep_spacing="leading",
+)
+SD15_SCHEDULER = dict(
+    _class_name="PNDMScheduler", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True, prediction_type="epsilon",
+)
+# variant -> (UNet config, scheduler config, text encoders' hidden sizes, family weightlab must name it)
+TINY_VARIANTS = {
+    "sd2": (TINY_SD2_UNET_CONFIG, SD2_SCHEDULER, (48,), "sd2"),
+    "sdxl": (TINY_SDXL_UNET_CONFIG, SDXL_SCHEDULER, (32, 32), "sdxl"),
+    "distilled": (TINY_DISTILLED_UNET_CONFIG, SD15_SCHEDULER, (32,), "sd15"),
+}
 # Token ids of the tiny vocab: 256 bytes, 256 bytes + "</w>", 10 merges, then the two specials.
 BOS_ID, EOS_ID = 522, 523
 
@@ -250,6 +288,57 @@ def build_tiny_family(root: str | Path, seed: int = 0, *, force: bool = False) -
 
     stamp.write_text(json.dumps(want))
     return fam
+
+
+def _tiny_clip(hidden: int, seed: int, *, with_projection: bool = False):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(
+        vocab_size=1000, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=hidden, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID))
+
+
+def build_tiny_variant(name: str, root: str | Path, seed: int = 0) -> Path:
+    """Write the tiny ``name`` pipeline (a key of :data:`TINY_VARIANTS`) as a diffusers folder ``root/name``.
+
+    Args:
+        name (str): ``sd2`` (v-prediction scheduler), ``sdxl`` (two text encoders) or ``distilled``.
+        root (str | Path): parent folder; a folder already built with the same seed is reused.
+        seed (int, default 0): every tensor is a function of this seed.
+    Returns:
+        Path: the pipeline folder (``unet/``, ``scheduler/``, text encoder(s), tokenizer(s), ``vae/``).
+    """
+    unet_config, scheduler_config, hidden, _ = TINY_VARIANTS[name]
+    folder = Path(root) / name
+    stamp, want = folder / "tiny_variant.json", {"name": name, "seed": seed, "version": VERSION}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return folder
+
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**unet_config)
+    _randomize(unet, seed + 1000)
+    torch.manual_seed(seed + 1002)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
+    scheduler = scheduler_cls(**{k: v for k, v in scheduler_config.items() if not k.startswith("_")})
+    tokenizer = build_tokenizer(Path(root) / ".tokenizer_src")
+    encoders = [_tiny_clip(h, seed + 1001 + i, with_projection=i == 1) for i, h in enumerate(hidden)]
+    if name == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    stamp.write_text(json.dumps(want))
+    return folder
 
 
 def build_onnx_stub(folder: str | Path) -> Path:

@@ -3,7 +3,10 @@
 
 The base's text encoder, tokenizer and VAE join the merged UNet; the scheduler is ``LCMScheduler`` with
 AnimateLCM's own config. Defaults follow the paper: 16 frames, 4 steps, guidance 1.0 (no CFG; up to 2 allowed).
-:class:`weightlab.onnx_runtime.OnnxVideoPipeline` has the same call signature and returns the same :class:`Clip`.
+DDIM and DPM-Solver++ (``sampler="ddim"|"dpmpp"``) sample models that are not consistency-distilled, with any CFG,
+under the same linear schedule (:mod:`weightlab.schedules`). A consistency-distilled residual of the recipe recorded
+under another schedule is refused. :class:`weightlab.onnx_runtime.OnnxVideoPipeline` has the same call signature and
+returns the same :class:`Clip`.
 
 Example:
     >>> pipe = VideoPipeline.from_source("recipe.yaml")            # doctest: +SKIP
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from weightlab.errors import RecipeError, SamplingError, WeightlabError
+from weightlab.schedules import SAMPLERS, NoiseSchedule, check_distilled, make_scheduler, sampling_schedule
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,11 +32,8 @@ if TYPE_CHECKING:
 
     from weightlab.recipe import Recipe
 
-# AnimateLCM's scheduler settings (DESIGN.md); every other LCMScheduler field keeps the base's value or LCM's default.
-ANIMATELCM_SCHEDULER = dict(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, original_inference_steps=100,
-                            steps_offset=1)
-DEFAULT_FRAMES, DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_FPS = 16, 4, 1.0, 8
-MAX_GUIDANCE = 2.0
+DEFAULT_FRAMES, DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_FPS, DEFAULT_SAMPLER = 16, 4, 1.0, 8, "lcm"
+MAX_GUIDANCE = 2.0  # LCM sampler only: consistency models are sampled without CFG or with mild CFG
 DECODE_CHUNK = 16  # frames per VAE decode call, as diffusers' AnimateDiffPipeline
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -88,9 +89,33 @@ def _dtype_name(dtype) -> str | None:
 
 def animatelcm_scheduler(base_config: dict | None = None):
     """``LCMScheduler`` with AnimateLCM's settings over ``base_config`` (the base pipeline's scheduler config)."""
-    from diffusers import LCMScheduler
+    return make_scheduler("lcm", base_config)
 
-    return LCMScheduler.from_config(dict(base_config or {}), **ANIMATELCM_SCHEDULER)
+
+def _scheduler_config(folder: Path) -> dict | None:
+    file = folder / "scheduler" / "scheduler_config.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def check_schedules(recipe: "Recipe", base_config: dict | None = None) -> None:
+    """Refuse a recipe with a consistency-distilled residual recorded under another noise schedule than the video
+    sampler's (:func:`weightlab.schedules.sampling_schedule` of the base's ``base_config``). Only safetensors headers
+    are read."""
+    from weightlab.files import read_header
+    from weightlab.inspect import weights_file
+    from weightlab.merge import resolve_source
+
+    want = sampling_schedule(base_config)
+    for term in recipe.terms:
+        try:
+            file = weights_file(resolve_source(term.source))
+        except WeightlabError:  # a merged folder may outlive its inputs; a recipe's missing input fails in the merge
+            continue
+        if file.suffix == ".safetensors":
+            check_distilled(read_header(file).metadata, want, source=f"{term.kind} term {term.source}",
+                            user="the video sampler",
+                            fix="distil it again under the sampler's schedule (the image-lcm and motion-lcm defaults), "
+                                "or leave it out of the recipe.")
 
 
 def _recipe_of(source) -> "Recipe | None":
@@ -153,9 +178,13 @@ def merged_unet(source, *, dtype: "str | torch.dtype | None" = None, device: str
 def load_unet(source, *, pipeline_dir: str | Path | None = None, dtype: "str | torch.dtype | None" = None,
               device: str | None = None) -> VideoUNet:
     """:func:`merged_unet` plus the diffusers pipeline folder that provides ``text_encoder/``, ``tokenizer/``,
-    ``vae/`` and ``scheduler/``: ``pipeline_dir`` when given, else the recipe base's folder."""
-    unet, recipe = merged_unet(source, dtype=dtype, device=device)
+    ``vae/`` and ``scheduler/``: ``pipeline_dir`` when given, else the recipe base's folder. The recipe's residuals
+    are checked against the sampler's noise schedule first (:func:`check_schedules`)."""
+    recipe = _recipe_of(source)
     folder = Path(pipeline_dir) if pipeline_dir else (_base_pipeline_dir(recipe) if recipe else None)
+    if recipe is not None and folder is not None:
+        check_schedules(recipe, _scheduler_config(folder))
+    unet, recipe = merged_unet(source, dtype=dtype, device=device)
     if folder is None or not all((folder / sub).is_dir() for sub in ("text_encoder", "tokenizer", "vae")):
         raise WeightlabError(f"no pipeline folder with text_encoder/, tokenizer/ and vae/ for {source!s} (found {folder}). "
                              "Fix: use a diffusers pipeline folder as the recipe's base, or pass pipeline_dir=.")
@@ -179,8 +208,7 @@ def build_pipeline(unet, pipeline_dir: str | Path, *, device: str | None = None)
     folder = Path(pipeline_dir)
     dtype = unet.dtype
     device = device or str(unet.device)
-    sched_file = folder / "scheduler" / "scheduler_config.json"
-    scheduler = animatelcm_scheduler(json.loads(sched_file.read_text()) if sched_file.is_file() else None)
+    scheduler = animatelcm_scheduler(_scheduler_config(folder))
     pipe = AnimateDiffPipeline(
         vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype(folder / "vae", dtype)),
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
@@ -189,20 +217,34 @@ def build_pipeline(unet, pipeline_dir: str | Path, *, device: str | None = None)
     return pipe.to(device)
 
 
-def check_request(*, frames: int, steps: int, guidance: float, height: int, width: int, max_frames: int,
-                  original_steps: int, multiple: int) -> None:
-    """Refuse what the model cannot sample, with the fix (shared by the PyTorch and ONNX pipelines)."""
+def check_request(*, sampler: str, frames: int, steps: int, guidance: float, height: int, width: int, max_frames: int,
+                  scheduler_config: dict, multiple: int) -> None:
+    """Refuse what the model cannot sample, with the fix (shared by the PyTorch and ONNX pipelines).
+
+    ``scheduler_config`` is the LCM scheduler's config (``original_inference_steps``, ``num_train_timesteps``).
+    """
+    if sampler not in SAMPLERS:
+        raise SamplingError(f"sampler={sampler!r} is unknown. Fix: use one of {', '.join(SAMPLERS)}.")
     if not 1 <= frames <= max_frames:
         raise SamplingError(
             f"frames={frames}: this motion module's positional table holds {max_frames} frames "
             "(motion_max_seq_length), so one window samples 1 to that many. "
             f"Fix: pass frames <= {max_frames} (e.g. --frames 16, the trained length).")
-    if not 1 <= steps <= original_steps:
-        raise SamplingError(f"steps={steps}: LCM sampling takes 1 to {original_steps} steps "
-                            "(original_inference_steps). Fix: use 4 (AnimateLCM's default) or another value in range.")
-    if not 1.0 <= guidance <= MAX_GUIDANCE:
-        raise SamplingError(f"guidance={guidance}: consistency-distilled video models are sampled without CFG (1.0) "
-                            f"or with mild CFG up to {MAX_GUIDANCE}; higher values burn the frames. Fix: use 1.0–{MAX_GUIDANCE}.")
+    if sampler == "lcm":
+        max_steps, grid = scheduler_config["original_inference_steps"], "original_inference_steps"
+    else:
+        max_steps, grid = scheduler_config["num_train_timesteps"], "num_train_timesteps"
+    if not 1 <= steps <= max_steps:
+        raise SamplingError(f"steps={steps}: the {sampler} sampler takes 1 to {max_steps} steps ({grid}). "
+                            "Fix: use 4 (AnimateLCM's default) or another value in range.")
+    if guidance < 1.0:
+        raise SamplingError(f"guidance={guidance}: 1.0 samples without CFG, above 1.0 with CFG; below 1.0 means "
+                            "nothing here. Fix: use 1.0 or more.")
+    if sampler == "lcm" and guidance > MAX_GUIDANCE:
+        raise SamplingError(f"guidance={guidance}: consistency-distilled video models are sampled with the lcm sampler "
+                            f"without CFG (1.0) or with mild CFG up to {MAX_GUIDANCE}; higher values burn the frames. "
+                            f"Fix: use 1.0–{MAX_GUIDANCE}, or sampler ddim/dpmpp for a model that is not "
+                            "consistency-distilled (e.g. guidance 7.5).")
     if height % multiple or width % multiple or height < 2 * multiple or width < 2 * multiple:
         raise SamplingError(f"{height}x{width}: height and width must be multiples of {multiple} (VAE factor x 8), "
                             f"at least {2 * multiple}. Fix: e.g. {8 * multiple}x{8 * multiple}.")
@@ -225,7 +267,8 @@ class VideoPipeline:
     """PyTorch sampling with diffusers' ``AnimateDiffPipeline`` (see :func:`build_pipeline`).
 
     Args:
-        pipe (AnimateDiffPipeline): an assembled pipeline whose scheduler is an ``LCMScheduler``.
+        pipe (AnimateDiffPipeline): an assembled pipeline whose scheduler is an ``LCMScheduler``; each call builds
+            the requested sampler's scheduler from its config (:func:`weightlab.schedules.make_scheduler`).
     Example:
         >>> clip = VideoPipeline.from_source(merged_dir)("a cat", frames=16, steps=4, seed=0)   # doctest: +SKIP
     """
@@ -246,18 +289,20 @@ class VideoPipeline:
 
     def __call__(self, prompt: str, *, frames: int = DEFAULT_FRAMES, steps: int = DEFAULT_STEPS,
                  guidance: float = DEFAULT_GUIDANCE, seed: int = 0, height: int | None = None, width: int | None = None,
-                 negative_prompt: str | None = None, progress: bool = True) -> Clip:
+                 negative_prompt: str | None = None, progress: bool = True, sampler: str = DEFAULT_SAMPLER) -> Clip:
         """Sample one clip.
 
         Args:
             prompt (str): the text prompt.
             frames (int, default 16): 1 to the motion module's limit (32 for AnimateDiff/AnimateLCM modules).
-            steps (int, default 4): LCM steps.
-            guidance (float, default 1.0): 1.0 disables CFG; up to 2.0 allowed.
+            steps (int, default 4): sampler steps.
+            guidance (float, default 1.0): 1.0 disables CFG; the lcm sampler allows up to 2.0, ddim/dpmpp any value.
             seed (int, default 0): seeds the initial noise and every LCM step's noise.
             height, width (int | None, default None): pixels; the UNet's ``sample_size`` x VAE factor when None.
             negative_prompt (str | None, default None): used only with guidance > 1.
             progress (bool, default True): show a progress bar over the steps.
+            sampler (str, default "lcm"): ``lcm`` (AnimateLCM's LCMScheduler), ``ddim`` or ``dpmpp`` (DPM-Solver++ 2M),
+                all under the same linear schedule (:data:`weightlab.schedules.SAMPLERS`).
         Returns:
             Clip: frames in [0, 1], final latents and timings.
         """
@@ -267,20 +312,26 @@ class VideoPipeline:
         factor = pipe.vae_scale_factor
         height = height or pipe.unet.config.sample_size * factor
         width = width or pipe.unet.config.sample_size * factor
-        check_request(frames=frames, steps=steps, guidance=guidance, height=height, width=width,
-                      max_frames=pipe.unet.config.motion_max_seq_length,
-                      original_steps=pipe.scheduler.config.original_inference_steps, multiple=8 * factor)
+        check_request(sampler=sampler, frames=frames, steps=steps, guidance=guidance, height=height, width=width,
+                      max_frames=pipe.unet.config.motion_max_seq_length, scheduler_config=pipe.scheduler.config,
+                      multiple=8 * factor)
         pipe.set_progress_bar_config(disable=not progress, desc="denoise")
         device = self.device
         cfg = guidance > 1.0
+        lcm = pipe.scheduler
         with torch.inference_mode():
             t0 = time.perf_counter()
             cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
             sync(device)
             t1 = time.perf_counter()
-            latents = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_frames=frames, height=height,
-                           width=width, num_inference_steps=steps, guidance_scale=guidance,
-                           generator=torch.Generator(device).manual_seed(seed), output_type="latent").frames
+            if sampler != "lcm":  # the baseline sampler under the LCM scheduler's schedule, for this call
+                pipe.scheduler = make_scheduler(sampler, lcm.config, NoiseSchedule.from_config(lcm.config))
+            try:
+                latents = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_frames=frames, height=height,
+                               width=width, num_inference_steps=steps, guidance_scale=guidance,
+                               generator=torch.Generator(device).manual_seed(seed), output_type="latent").frames
+            finally:
+                pipe.scheduler = lcm
             sync(device)
             t2 = time.perf_counter()
             video = postprocess(pipe.decode_latents(latents.to(pipe.vae.dtype), DECODE_CHUNK))
@@ -322,7 +373,8 @@ def generate(source, prompt: str, out: str | Path, *, onnx_dir: str | Path | Non
         gif (bool, default True): also write a GIF next to the MP4.
         fps (int, default 8): frames per second of the written files.
         device (str | None, default None): PyTorch device (ONNX: chosen from the available providers).
-        **sampling: ``frames``, ``steps``, ``guidance``, ``seed``, ``height``, ``width``, ``negative_prompt``, ``progress``.
+        **sampling: ``frames``, ``steps``, ``guidance``, ``seed``, ``height``, ``width``, ``negative_prompt``, ``progress``,
+            ``sampler``.
     Returns:
         dict: ``{"mp4", "gif", "seconds", "frames", "size", "backend"}``.
     """

@@ -26,6 +26,7 @@ from weightlab.registry.api import DuplicateVersionError, Registry
 from weightlab.registry.auth import AuthenticationError, PermissionDeniedError
 from weightlab.registry.config import ServerSettings
 from weightlab.registry.jobs import JobSpecError, Worker
+from weightlab.registry.schemas import JSON_LIMITS, MetadataError
 from weightlab.registry.server.routes import ROUTERS
 from weightlab.registry.server.schemas import ErrorBody, Health
 from weightlab.registry.server.transfer import UnsupportedMediaTypeError, UploadTooLargeError
@@ -39,7 +40,7 @@ STATUS: list[tuple[type[WeightlabError], int]] = [
     (AuthenticationError, 401), (PermissionDeniedError, 403), (NotFoundError, 404), (DuplicateVersionError, 409),
     (UploadTooLargeError, 413), (UnsafeFileError, 415), (UnsupportedMediaTypeError, 415), (HashMismatchError, 400),
     (FileFormatError, 422), (UnmatchedKeysError, 422), (FamilyMismatchError, 422), (ShapeMismatchError, 422),
-    (NonFiniteError, 422), (RecipeError, 422), (JobSpecError, 422), (WeightlabError, 400),
+    (NonFiniteError, 422), (RecipeError, 422), (JobSpecError, 422), (MetadataError, 422), (WeightlabError, 400),
 ]
 _ERRORS = {code: {"model": ErrorBody} for code in sorted({c for _, c in STATUS})}
 
@@ -93,7 +94,13 @@ def create_app(settings: ServerSettings | None = None, *, registry: Registry | N
 
     app = FastAPI(title="weightlab registry", version=weightlab.__version__, lifespan=lifespan, responses=_ERRORS,
                   description="Bases and residuals as immutable, content-addressed versions with lineage. "
-                              "Send `Authorization: Bearer <token>`; without one only public namespaces can be read.")
+                              "Send `Authorization: Bearer <token>`; without one only public namespaces can be read.\n\n"
+                              "**Limits.** Namespaces and names: a letter or digit, then letters, digits, `.`, `_` or "
+                              "`-`, at most 100 characters. Tags and aliases: the same, starting with a letter. Every "
+                              "pattern must match the whole value (no trailing newline). Metadata (and lineage "
+                              f"recipes, job metadata): {JSON_LIMITS}; anything else is refused with 422 and nothing "
+                              "is stored. Whatever is addressed by an id or a hash (a job, a token, a blob) and "
+                              "cannot be read answers exactly as if it did not exist (404).")
     app.add_exception_handler(WeightlabError, _weightlab_error)
     api = APIRouter(prefix=API_PREFIX)
 

@@ -25,6 +25,9 @@ FILENAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,88}\.safetensors$"
 LABEL_PATTERN = r"^[A-Za-z][A-Za-z0-9._-]{0,99}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 VERSION_PATTERN = r"^(latest|[0-9a-fA-F]{1,64}|:[A-Za-z][A-Za-z0-9._-]{0,99})$"
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"  # printable text: no control characters (NUL, newlines, escapes)
+# pydantic checks `pattern` with Rust's regex engine, whose `$` matches only at the very end (never before a
+# trailing newline), so these are full matches.
 
 
 def get_registry(request: Request) -> Registry:

@@ -115,7 +115,7 @@ async def receive(request: Request, dest: Path, *, max_bytes: int) -> tuple[str,
 
 def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     """``(start, end)`` (inclusive) of a single satisfiable range; None to send everything; (-1, -1) if unsatisfiable."""
-    m = _RANGE.match(header.strip()) if header else None
+    m = _RANGE.fullmatch(header.strip()) if header else None
     if m is None or (not m[1] and not m[2]):
         return None
     if not m[1]:  # suffix: the last N bytes

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from weightlab.errors import FamilyMismatchError
-from weightlab.families import SD15, SDXL, detect_family, infer_motion_config
+from weightlab.families import SD2, SD15, SDXL, check_fits, detect_family, infer_motion_config
 from weightlab.formats import ldm, motion
 from weightlab.formats.lora import parse_lora
 from weightlab.formats.ldm import diffusers_to_ldm as diffusers_to_ldm_unet
@@ -75,7 +75,14 @@ def test_lcm_lora_kohya_names_cover_the_real_unet(unet):
 
 
 def test_full_size_sdxl_unet_is_named_as_sdxl():
-    with pytest.raises(FamilyMismatchError, match="'sdxl'") as e:
-        detect_family({k: len(s) for k, s in SDXL.unet_shapes.items()})
-    # named: SDXL-only modules, and proj_in, which SDXL makes linear (2-D) where SD1.5 has a 1x1 conv
-    assert "add_embedding.linear_1.weight" in str(e.value) and "down_blocks.1.attentions.0.proj_in.weight" in str(e.value)
+    assert detect_family({k: len(s) for k, s in SDXL.unet_shapes.items()}) is SDXL
+    with pytest.raises(FamilyMismatchError, match="'sdxl'.*'sd15'") as e:  # an SDXL residual meets an sd15 base
+        check_fits(SDXL.unet_shapes, "sdxl", "sd15")
+    assert "add_embedding.linear_1.weight" in str(e.value)  # named: an SDXL-only module
+
+
+def test_full_size_sd2_unet_is_named_as_sd2():
+    # the same module names as SD1.5; proj_in/proj_out are linear (2-D) where SD1.5 has 1x1 convs
+    assert detect_family({k: len(s) for k, s in SD2.unet_shapes.items()}) is SD2
+    assert {k for k, s in SD2.unet_shapes.items() if len(s) != len(SD15.unet_shapes[k])} == {
+        k for k in SD15.unet_shapes if ".proj_in.weight" in k or ".proj_out.weight" in k}

@@ -221,16 +221,20 @@ def _kohya(path: str, rank: int, n_in: int, n_out: int) -> dict:
             f"{k}.alpha": torch.tensor(float(rank))}
 
 
-def test_sdxl_lora_is_refused_naming_keys(tmp_path):
+def test_sdxl_lora_is_refused_naming_keys(tiny, tmp_path):
     # transformer_blocks.1 exists in SDXL's block 1 (two transformer layers), not in SD1.5's; block 0 is in both.
     sdxl_only = "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q"
     shared = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    sd = {**_kohya(sdxl_only, 4, 640, 640), **_kohya(shared, 4, 640, 640)}
+    sd = {**_kohya(sdxl_only, 4, 32, 32), **_kohya(shared, 4, 32, 32)}
     save_file(sd, tmp_path / "sdxl.safetensors")
-    for strict in (True, False):  # skipping would merge the shared-name (and same-shape) attn1 factors into sd15
-        with pytest.raises(FamilyMismatchError, match="sdxl") as e:
-            weightlab.load(tmp_path / "sdxl.safetensors", strict=strict)
-        assert "lora_unet_" + sdxl_only.replace(".", "_") + ".lora_down.weight" in str(e.value)
+    for strict in (True, False):  # it loads as sdxl, whole: nothing is skipped that an sd15 base could take
+        lora = weightlab.load(tmp_path / "sdxl.safetensors", strict=strict)
+        assert lora.family == "sdxl" and set(lora.targets) == {sdxl_only, shared} and lora.skipped == []
+    # merging it would add the shared-name (and same-shape) attn1 factors to sd15: refused, naming the sdxl-only key
+    with pytest.raises(FamilyMismatchError, match="sdxl") as e:
+        weightlab.build_unet(weightlab.Recipe(base=str(tiny.base_dir), terms=[
+            weightlab.Term(source=str(tmp_path / "sdxl.safetensors"), kind="style")]))
+    assert sdxl_only + ".weight" in str(e.value) and "'sd15'" in str(e.value)
 
 
 def test_unmatched_lora_keys_are_named_or_reported(tiny, tmp_path):

@@ -66,14 +66,47 @@ def test_import_a_folder(sqlite_reg, hf_cache):
     assert v.source == f"hf://wangfuyun/AnimateLCM/motion_adapter@{COMMIT}"
 
 
-def test_cached_lfs_file_is_checked_against_its_sha256(sqlite_reg, hf_cache):
-    blob = next((hf_cache / "models--wangfuyun--AnimateLCM" / "blobs").glob("?" * 64))
+def _corrupt_cached(hf_cache: Path, rel: str) -> None:
+    """Flip the last byte of the blob that the snapshot file ``rel`` links to: same size, valid header, wrong bytes."""
+    blob = (hf_cache / "models--wangfuyun--AnimateLCM" / "snapshots" / COMMIT / rel).resolve()
+    assert blob.parent.name == "blobs" and blob.name == hashlib.sha256(blob.read_bytes()).hexdigest()  # an LFS blob
     data = bytearray(blob.read_bytes())
-    data[-1] ^= 0xFF  # same size, valid header, wrong bytes
+    data[-1] ^= 0xFF
     blob.write_bytes(bytes(data))
+
+
+def _state(reg) -> tuple:
+    """What the registry holds: blobs, versions, and leftovers in the store's temp folder."""
+    tmp = reg.store.tmp_dir
+    return (sorted(b.sha256 for b in reg.store.list()), reg.search(all_versions=True),
+            sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else [])
+
+
+def test_cached_lfs_file_is_checked_against_its_sha256(sqlite_reg, hf_cache):
+    before = _state(sqlite_reg)
+    _corrupt_cached(hf_cache, "AnimateLCM_sd15_t2v_lora.safetensors")
     with pytest.raises(HashMismatchError, match="was declared"):
         sqlite_reg.add("hf://wangfuyun/AnimateLCM/AnimateLCM_sd15_t2v_lora.safetensors")
-    assert list(sqlite_reg.store.list()) == []
+    assert _state(sqlite_reg) == before
+
+
+def test_a_corrupt_cached_file_in_a_folder_stores_nothing(sqlite_reg, hf_cache, tiny):
+    sqlite_reg.add(tiny.style_lora_kohya, name="me/style")  # something already there, which must stay as it is
+    before = _state(sqlite_reg)
+    # config.json sorts (and is stored) first; the corrupt weights file comes second.
+    _corrupt_cached(hf_cache, "motion_adapter/diffusion_pytorch_model.safetensors")
+    with pytest.raises(HashMismatchError, match="diffusion_pytorch_model.safetensors hashes to .* was declared"):
+        sqlite_reg.add("hf://wangfuyun/AnimateLCM/motion_adapter", name="lcm/motion")
+    assert _state(sqlite_reg) == before
+
+
+def test_a_wrong_folder_digest_stores_nothing(sqlite_reg, hf_cache):
+    before = _state(sqlite_reg)
+    with pytest.raises(HashMismatchError, match="manifest digest .* but 0{64} was declared; nothing was stored"):
+        sqlite_reg.add("hf://wangfuyun/AnimateLCM/motion_adapter", name="lcm/motion", sha256="0" * 64)
+    assert _state(sqlite_reg) == before
+    v = sqlite_reg.add("hf://wangfuyun/AnimateLCM/motion_adapter", name="lcm/motion")
+    assert sqlite_reg.add("hf://wangfuyun/AnimateLCM/motion_adapter", name="lcm/motion", sha256=v.sha256) == v
 
 
 def test_offline_misses_say_what_to_do(sqlite_reg, hf_cache):

@@ -4,11 +4,10 @@ queue itself: claims that never collide (SKIP LOCKED on PostgreSQL), leases, ret
 from __future__ import annotations
 
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 from weightlab.errors import WeightlabError
 from weightlab.recipe import Recipe, Term
@@ -47,7 +46,7 @@ def test_merge_job_end_to_end(db_url, serve, tiny, tmp_path):
                           resolve=live.registry.path)  # the same merge here gives the same tensors
     assert out.tensor_hash == local["output_hash"] == tensor_hash(c.path(out.ref))
     with live.http(live.token("other", "read")) as http:
-        assert http.get(f"/jobs/{job.id}").status_code == 403
+        assert http.get(f"/jobs/{job.id}").status_code == 404  # as if it did not exist (test_server_existence.py)
         assert http.get("/jobs").json() == []
     with live.http(live.token("me", "read")) as http:
         assert [j["id"] for j in http.get("/jobs", params={"status": "succeeded"}).json()] == [job.id]
@@ -93,22 +92,28 @@ def _queue(url, n: int):
 
 def test_concurrent_claims_never_take_the_same_job(db_url):
     reg, ids = _queue(db_url, 2)
-    claimed, b_done = [], threading.Event()
+    claimed, b_began, b_done = [], threading.Event(), threading.Event()
 
     def other_worker():
         with transaction(reg.engine, write=True) as s:
             claimed.append(jobs.claim(s, worker="b", lease_seconds=60, max_attempts=3).id)
         b_done.set()
 
+    def began(conn, cursor, statement, *args):  # b is starting its transaction (SQLite: BEGIN IMMEDIATE)
+        if threading.current_thread().name == "b" and statement.startswith("BEGIN"):
+            b_began.set()
+
+    event.listen(reg.engine, "before_cursor_execute", began)
     with transaction(reg.engine, write=True) as s:
         claimed.append(jobs.claim(s, worker="a", lease_seconds=60, max_attempts=3).id)
-        thread = threading.Thread(target=other_worker)
+        thread = threading.Thread(target=other_worker, name="b")
         thread.start()
         if reg.engine.dialect.name == "postgresql":  # SKIP LOCKED: b does not wait for a's transaction
             assert b_done.wait(10)
-        else:
-            time.sleep(0.3)  # SQLite: b waits for a's write lock
+        else:  # SQLite: b has asked for the write lock that a holds, so it cannot claim before a commits
+            assert b_began.wait(10) and not b_done.is_set()
     thread.join(20)
+    event.remove(reg.engine, "before_cursor_execute", began)
     assert sorted(claimed) == ids
     with transaction(reg.engine, write=True) as s:
         assert jobs.claim(s, worker="c", lease_seconds=60, max_attempts=3) is None

@@ -1,4 +1,5 @@
-"""motion-lcm: AnimateLCM's initialization strategy, exact resume, and outputs that load, merge and register."""
+"""motion-lcm: AnimateLCM's initialization strategy, the target's LoRA schedule and EMA, a falling loss, exact resume,
+and outputs that load, merge and register."""
 
 import torch
 
@@ -102,3 +103,97 @@ def test_resume_is_bitwise_and_outputs_load_merge_and_register(tiny, tmp_path):
         assert reg.get("me/motion@1").kind == "motion"
     assert node.relation == "trained_from" and [e.role for e in node.inputs] == ["base", "image_accel", "teacher"]
     assert (tmp_path / "b" / "samples" / "step-00000003-0.gif").is_file()
+
+
+def test_target_lora_weight_follows_the_ema_schedule_and_the_target_tracks_the_online_model(tiny, tmp_path, monkeypatch):
+    """At every step the target net carries the image LoRA at weight λ_n = 1 − μⁿ (DESIGN.md "Motion stage":
+    the target starts without the LoRA), and its motion parameters are the EMA θ⁻ ← μ·θ⁻ + (1 − μ)·θ of the online ones.
+
+    Spies on ``set_lora_weight`` (the λ it is called with) and on ``motion_loss`` (the networks as the loss sees them).
+    References in fp64 from the LoRA file and the recorded online weights; tolerance 4·eps32 of each tensor's scale
+    (one fp32 multiply-add per value), while a wrong λ or μ moves values by a LoRA delta or an optimizer step."""
+    from safetensors.torch import load_file
+
+    from weightlab.train import motion_lcm
+
+    mu, steps = 0.8, 4
+    scales, seen = [], []
+    real_set, real_loss = motion_lcm.set_lora_weight, motion_lcm.motion_loss
+
+    def spy_set(weights, pristine, lora, scale):
+        scales.append(scale)
+        real_set(weights, pristine, lora, scale)
+
+    def spy_loss(cfg, accelerator, online, target, *args):
+        trainable = {n for n, p in online.named_parameters() if p.requires_grad}
+        seen.append({"target": {n: p.detach().clone() for n, p in target.named_parameters()},
+                     "online": {n: p.detach().clone() for n, p in online.named_parameters() if n in trainable}})
+        return real_loss(cfg, accelerator, online, target, *args)
+
+    monkeypatch.setattr(motion_lcm, "set_lora_weight", spy_set)
+    monkeypatch.setattr(motion_lcm, "motion_loss", spy_loss)
+    cfg = _cfg(tiny, tmp_path, output_dir=tmp_path / "run", max_steps=steps, batch_size=1, learning_rate=1e-3,
+               ema_decay=mu, num_ddim_timesteps=10, validation_prompts=(), checkpoint_every=100)
+    train_motion_lcm(cfg)
+
+    assert scales == [1.0] + [1 - mu**n for n in range(steps)]  # the online net's LoRA at 1 (build), then λ_n per step
+    assert len(seen) == steps
+    eps32 = torch.finfo(torch.float32).eps
+    w0 = load_file(tiny.base_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    lora = load_file(cfg.image_lora)
+    paths = [k.removeprefix("unet.").removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")]
+    assert paths
+    for n, step in enumerate(seen):
+        lam = 1 - mu**n
+        for path in paths:
+            key = f"{path}.weight"
+            down, up = lora[f"unet.{path}.lora_A.weight"].double(), lora[f"unet.{path}.lora_B.weight"].double()
+            delta = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(w0[key].shape)
+            ref = w0[key].double() + lam * delta
+            err = (step["target"][key].double() - ref).abs().max().item()
+            assert err <= 4 * eps32 * ref.abs().max().item(), (n, key, err)
+
+    motion = seen[0]["online"].keys()
+    assert motion and all(".motion_modules." in k for k in motion)
+    teacher = weightlab.load(tiny.motion_dir).weights
+    assert all(torch.equal(seen[0]["target"][k], teacher[k]) for k in motion if k in teacher)  # θ⁻ starts at θ
+    for before, after in zip(seen, seen[1:]):
+        for k in motion:
+            ref = mu * before["target"][k].double() + (1 - mu) * after["online"][k].double()
+            err = (after["target"][k].double() - ref).abs().max().item()
+            assert err <= 4 * eps32 * ref.abs().max().item(), (k, err)
+    moved = max((seen[-1]["target"][k] - seen[0]["target"][k]).abs().max().item() for k in motion)
+    assert moved > 1e-4  # the EMA target moves (an optimizer step at lr 1e-3 is ~1e-3 per weight)
+
+
+def test_motion_lcm_loss_falls_against_the_same_run_without_learning(tiny, tmp_path):
+    """Each step's loss is dominated by its draws (timestep, noise, guidance: per-sample seeds), which vary ~30x from
+    step to step, so a raw first-vs-last comparison measures the draws. Here a control run with the same seed has the
+    same draws, the same target LoRA schedule and EMA, but a learning rate of 1e-12: the ratio trained/control is
+    exactly 1 at step 1 (no update yet) and then measures learning alone. Measured (16 steps): the mean ratio of the
+    last 4 steps is ~0.87; a trainer that does not learn (or pushes the wrong way) stays at ≥ 1."""
+    kw = dict(max_steps=16, batch_size=2, num_ddim_timesteps=10, validation_prompts=(), checkpoint_every=100)
+    trained = train_motion_lcm(_cfg(tiny, tmp_path, output_dir=tmp_path / "trained", learning_rate=1e-4, **kw)).losses
+    control = train_motion_lcm(_cfg(tiny, tmp_path, output_dir=tmp_path / "control", learning_rate=1e-12, **kw)).losses
+    ratios = [a / b for a, b in zip(trained, control)]
+    assert ratios[0] == 1.0
+    k = 4
+    first, last = sum(ratios[:k]) / k, sum(ratios[-k:]) / k
+    assert last < 0.95 and last < first - 0.05, ratios
+
+
+def test_a_dora_image_lora_is_refused(tiny, tmp_path):
+    """A DoRA file's change depends on the weight it is merged into: the motion stage, which freezes a plain LoRA
+    and scales it by 1−μⁿ, must refuse it rather than drop the magnitudes (self-consistency: our reader, our error)."""
+    import pytest
+
+    from weightlab.errors import WeightlabError
+    from weightlab.train.motion_lcm import load_image_lora
+
+    cfg = _cfg(tiny, tmp_path, output_dir=tmp_path / "run")
+    sd = dict(load_tensors(cfg.image_lora)[0])
+    for k in [k for k in sd if k.endswith(".lora_B.weight")]:
+        sd[k.replace(".lora_B.weight", ".lora_magnitude_vector")] = torch.ones(sd[k].shape[0])
+    dora = save_tensors(sd, tmp_path / "dora.safetensors", {"weightlab.kind": "image_accel"})
+    with pytest.raises(WeightlabError, match="DoRA"):
+        load_image_lora(dora, torch.device("cpu"))

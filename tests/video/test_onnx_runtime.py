@@ -9,14 +9,14 @@ import pytest
 def torch_pipe(recipe):
     from weightlab.video import VideoPipeline
 
-    return VideoPipeline.from_source(recipe)
+    return VideoPipeline.from_source(recipe, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def onnx_pipe(onnx_dir):
     from weightlab.onnx_runtime import OnnxVideoPipeline
 
-    return OnnxVideoPipeline(onnx_dir)
+    return OnnxVideoPipeline(onnx_dir, provider="cpu")  # the same device as torch_pipe, whatever the machine has
 
 
 def test_same_call_signature():
@@ -33,7 +33,6 @@ def test_same_call_signature():
 def test_onnx_pipeline_matches_pytorch_pipeline(torch_pipe, onnx_pipe, assert_same_clip, kwargs):
     a = torch_pipe("a cat walking", progress=False, **kwargs)
     b = onnx_pipe("a cat walking", progress=False, **kwargs)
-    assert onnx_pipe.provider == "cpu"
     assert_same_clip(a, b)
 
 
@@ -50,23 +49,39 @@ def test_generate_with_onnx_writes_mp4_and_checks_the_recipe(onnx_dir, recipe, r
     from weightlab.errors import ExportError
     from weightlab.video import generate
 
-    result = generate(recipe, "a cat", tmp_path / "clip.mp4", onnx_dir=onnx_dir, frames=8, progress=False)
+    result = generate(recipe, "a cat", tmp_path / "clip.mp4", onnx_dir=onnx_dir, provider="cpu", frames=8,
+                      progress=False)
     assert result["backend"].startswith("onnxruntime")
     assert len([frame for frame in imageio.get_reader(result["mp4"], format="FFMPEG")]) == 8
     assert len(imageio.mimread(result["gif"])) == 8
     with pytest.raises(ExportError, match="reweight"):
-        generate(recipe2, "a cat", tmp_path / "other.mp4", onnx_dir=onnx_dir, progress=False)
+        generate(recipe2, "a cat", tmp_path / "other.mp4", onnx_dir=onnx_dir, provider="cpu", progress=False)
 
 
-def test_provider_choice():
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["no-gpu", "gpu"])  # what torch sees
+@pytest.mark.parametrize("available", [[CPU], [CUDA, CPU], [TRT, CUDA, CPU]], ids=["ort-cpu", "ort-cuda", "ort-trt"])
+def test_provider_choice(monkeypatch, gpu, available):
+    """The product's rule on every combination, whatever this machine has: CUDA (and TensorRT) only with a GPU that
+    torch sees and the execution provider in onnxruntime; ``auto`` falls back to the CPU."""
+    import onnxruntime
+    import torch
+
     from weightlab.errors import WeightlabError
     from weightlab.onnx_runtime import resolve_provider
 
-    import torch
-
-    assert resolve_provider("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(WeightlabError, match="provider"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: available)
+    usable = {"cuda": gpu and CUDA in available, "tensorrt": gpu and CUDA in available and TRT in available}
+    assert resolve_provider("auto") == ("cuda" if usable["cuda"] else "cpu")
+    assert resolve_provider("cpu") == "cpu"
+    for provider, ok in usable.items():
+        if ok:
+            assert resolve_provider(provider) == provider
+        else:
+            with pytest.raises(WeightlabError, match="onnxruntime-gpu"):
+                resolve_provider(provider)
+    with pytest.raises(WeightlabError, match="unknown provider 'rocm'"):
         resolve_provider("rocm")
-    if not torch.cuda.is_available():
-        with pytest.raises(WeightlabError, match="onnxruntime-gpu"):
-            resolve_provider("cuda")

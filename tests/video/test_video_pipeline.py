@@ -22,7 +22,7 @@ def test_assembly_uses_animatelcm_scheduler_and_paper_defaults(pipe):
     assert (sched.config.beta_schedule, sched.config.beta_start, sched.config.beta_end) == ("linear", 0.00085, 0.012)
     assert (sched.config.original_inference_steps, sched.config.steps_offset) == (100, 1)
     defaults = {k: p.default for k, p in inspect.signature(type(pipe).__call__).parameters.items()}
-    assert (defaults["frames"], defaults["steps"], defaults["guidance"]) == (16, 4, 1.0)
+    assert (defaults["frames"], defaults["steps"], defaults["guidance"], defaults["sampler"]) == (16, 4, 1.0, "lcm")
 
 
 def test_same_seed_same_clip_other_seed_other_clip(pipe):
@@ -43,7 +43,7 @@ def test_cfg_and_size_are_honoured(pipe):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(frames=33), ["frames=33", "32", "Fix"]),
     (dict(frames=0), ["frames=0"]),
-    (dict(guidance=7.5), ["guidance=7.5", "Fix"]),
+    (dict(guidance=7.5), ["guidance=7.5", "lcm sampler", "Fix"]),
     (dict(steps=0), ["steps=0"]),
     (dict(height=36), ["multiples of 16"]),
 ])

@@ -16,9 +16,11 @@ def generate_cmd(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe YAML/JSON or merged model folder (optional with --onnx)."),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Sample with ONNX Runtime from this `weightlab export onnx` folder."),
     provider: str = typer.Option("auto", "--provider", help="With --onnx: auto | cuda | tensorrt | cpu."),
-    steps: int = typer.Option(4, "--steps", help="LCM steps."),
+    sampler: str = typer.Option("lcm", "--sampler", help="lcm (AnimateLCM) | ddim | dpmpp (DPM-Solver++), all on "
+                                "the linear schedule; ddim/dpmpp for models that are not consistency-distilled."),
+    steps: int = typer.Option(4, "--steps", help="Sampler steps."),
     frames: int = typer.Option(16, "--frames", help="Frames (at most the motion module's 32)."),
-    guidance: float = typer.Option(1.0, "--guidance", help="1.0 = no CFG; up to 2.0."),
+    guidance: float = typer.Option(1.0, "--guidance", help="1.0 = no CFG; lcm allows up to 2.0, ddim/dpmpp any (e.g. 7.5)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial and per-step noise."),
     height: Optional[int] = typer.Option(None, "--height", help="Pixels; the model's native size when omitted."),
     width: Optional[int] = typer.Option(None, "--width", help="Pixels; the model's native size when omitted."),
@@ -27,7 +29,7 @@ def generate_cmd(
     gif: bool = typer.Option(True, "--gif/--no-gif", help="Also write a GIF."),
     device: Optional[str] = typer.Option(None, "--device", help="PyTorch device (cpu, cuda); the recipe's when omitted."),
 ) -> None:
-    """Sample a video clip (16 frames, 4 steps, no CFG by default) and write it as MP4 and GIF."""
+    """Sample a video clip (16 frames, 4 LCM steps, no CFG by default) and write it as MP4 and GIF."""
     from rich.table import Table
 
     from weightlab.video import generate
@@ -35,8 +37,8 @@ def generate_cmd(
     with fail_on_error():
         result = generate(recipe, prompt, out, onnx_dir=onnx, provider=provider, gif=gif, fps=fps, device=device, frames=frames,
                           steps=steps, guidance=guidance, seed=seed, height=height, width=width,
-                          negative_prompt=negative_prompt)
-    table = Table(title=f"weightlab generate ({result['backend']})")
+                          negative_prompt=negative_prompt, sampler=sampler)
+    table = Table(title=f"weightlab generate ({result['backend']}, {sampler})")
     for col in ("stage", "seconds"):
         table.add_column(col)
     for stage, seconds in result["seconds"].items():

@@ -15,7 +15,8 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read .ckpt/.pt/.bin (weights only, in a child process). Only for files you trust."),
 ) -> None:
-    """Show family, kind, representation, ranks, dtypes, parameter count and hashes of weight files."""
+    """Show family, kind, representation, ranks (and where a LoRA's alphas come from), dtypes, parameter count
+    and hashes of weight files."""
     from rich.table import Table
 
     from weightlab.inspect import inspect_path
@@ -26,6 +27,9 @@ def inspect_cmd(
         typer.echo(json.dumps([i.model_dump() for i in infos] if len(infos) > 1 else infos[0].model_dump(), indent=2))
         return
     console.print(inspect_table(infos))
+    for i in infos:
+        if i.alpha_source:
+            console.print(f"{Path(i.path).name}: LoRA alphas from {i.alpha_source}")
 
 
 def inspect_table(infos) -> "Table":  # noqa: F821
@@ -33,13 +37,14 @@ def inspect_table(infos) -> "Table":  # noqa: F821
     from rich.table import Table
 
     table = Table(title="weightlab inspect")
-    for col in ("file", "family", "kind", "repr", "ranks (alpha)", "targets", "dtypes", "params", "sha256", "tensor hash", "skipped"):
+    for col in ("file", "family", "kind", "repr", "ranks (alpha)", "targets", "dtypes", "params", "sha256", "tensor hash", "skipped",
+                "finite"):
         table.add_column(col, overflow="fold")
     for i in infos:
         ranks = ", ".join(f"{r}" for r in i.ranks) + (f" ({', '.join(f'{a:g}' for a in i.alphas)})" if i.alphas else "")
         table.add_row(Path(i.path).name, i.family, i.kind_guess, i.representation, ranks or "-", str(i.n_targets),
                       ",".join(i.dtypes), f"{i.n_params:,}", i.file_sha256[:12], (i.tensor_hash or "-")[:12],
-                      str(len(i.skipped)))
+                      str(len(i.skipped)), "yes" if i.finite else "NO (NaN/Inf)")
     return table
 
 

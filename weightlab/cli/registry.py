@@ -1,5 +1,5 @@
 """Registry commands: ``add``, ``import``, ``ls``, ``show``, ``alias``, ``tag``, ``lineage``, ``db upgrade``,
-``registry verify`` and ``registry gc``.
+``registry verify``, ``registry gc`` and ``registry repair``.
 
 They use the registry that ``$WEIGHTLAB_HOME`` (default ``~/.weightlab``), ``$WEIGHTLAB_DB_URL`` and
 ``$WEIGHTLAB_BLOB_STORE`` point at, or, with ``--remote URL`` (or ``$WEIGHTLAB_REMOTE``), a registry server
@@ -23,6 +23,12 @@ import typer
 from weightlab.cli.common import console, err_console, fail_on_error
 
 _ENV_HELP = "Registry location: $WEIGHTLAB_HOME (default ~/.weightlab), $WEIGHTLAB_DB_URL, $WEIGHTLAB_BLOB_STORE."
+# The limits of weightlab.registry.schemas (JSON_LIMITS, check_name, check_label), written out so that `--help`
+# does not import the registry; tests/registry/test_registry_limits.py checks that they agree.
+LIMITS_HELP = ("Names (ns/name): letters, digits, '.', '_' or '-', at most 100 characters, starting with a letter or "
+               "digit; tags and aliases start with a letter. Metadata: a JSON object of at most 65536 bytes, 16 "
+               "levels of nesting and 2000 members and elements in all; keys of at most 256 characters, strings of at "
+               "most 8192, no NUL characters; numbers finite, integers within 64 bits.")
 
 
 def _registry(remote: Optional[str] = None):
@@ -52,15 +58,9 @@ def _json(obj) -> None:
 
 def _parse_meta(items: list[str], metadata_json: Optional[str]) -> dict:
     from weightlab.errors import RegistryError
+    from weightlab.registry.schemas import parse_json
 
-    meta = {}
-    if metadata_json:
-        try:
-            meta = json.loads(metadata_json)
-        except json.JSONDecodeError as e:
-            raise RegistryError(f"--metadata-json is not valid JSON ({e}).") from None
-        if not isinstance(meta, dict):
-            raise RegistryError("--metadata-json must be a JSON object, e.g. '{\"author\": \"me\"}'.")
+    meta = parse_json(metadata_json, "--metadata-json") if metadata_json else {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -96,9 +96,10 @@ def _add(source: str, name: Optional[str], kind: Optional[str], tags: list[str],
 
 
 _KIND = typer.Option(None, "--kind", help="Declare the role: base, style, image_accel, motion, motion_lora, onnx (detected if omitted).")
-_TAG = typer.Option([], "--tag", "-t", help="Tag (repeatable).")
+_TAG = typer.Option([], "--tag", "-t", help="Tag (repeatable): a letter, then letters, digits, '.', '_' or '-' "
+                                            "(at most 100 characters).")
 _META = typer.Option([], "--meta", help="Metadata KEY=VALUE (repeatable).")
-_META_JSON = typer.Option(None, "--metadata-json", help="Metadata as a JSON object.")
+_META_JSON = typer.Option(None, "--metadata-json", help="Metadata as a JSON object (limits below).")
 _SHA = typer.Option(None, "--sha256", help="Expected sha256 of the file; a mismatch stores nothing.")
 _PICKLE = typer.Option(False, "--allow-pickle", help="Convert a .ckpt/.pt/.bin (weights only, child process). Only for files you trust.")
 _LENIENT = typer.Option(False, "--lenient", help="Register files with keys that match no module (they are ignored when loaded).")
@@ -108,7 +109,7 @@ _REMOTE = typer.Option(None, "--remote", envvar="WEIGHTLAB_REMOTE",
 
 
 def add_cmd(
-    source: str = typer.Argument(..., help="A .safetensors file, a diffusers folder, or hf://ORG/REPO[/PATH][@REV]."),
+    source: str = typer.Argument(..., help="A .safetensors file, a diffusers folder, or hf://ORG/REPO\\[/PATH]\\[@REV]."),
     name: str = typer.Option(..., "--name", "-n", help="ns/name of the artifact, e.g. me/anime-style."),
     kind: Optional[str] = _KIND, tags: list[str] = _TAG, meta: list[str] = _META,
     metadata_json: Optional[str] = _META_JSON, sha256: Optional[str] = _SHA, allow_pickle: bool = _PICKLE,
@@ -119,7 +120,7 @@ def add_cmd(
 
 
 def import_cmd(
-    source: str = typer.Argument(..., help="hf://ORG/REPO[/FILE|/FOLDER][@REV], or a local file or folder."),
+    source: str = typer.Argument(..., help="hf://ORG/REPO\\[/FILE|/FOLDER]\\[@REV], or a local file or folder."),
     name: Optional[str] = typer.Option(None, "--name", "-n", help="ns/name; default ORG/<file stem> (hub) or local/<stem>."),
     revision: Optional[str] = typer.Option(None, "--revision", "-r", help="Hub branch, tag or commit."),
     kind: Optional[str] = _KIND, tags: list[str] = _TAG, meta: list[str] = _META,
@@ -173,10 +174,11 @@ def show_cmd(ref: str = typer.Argument(..., help="ns/name[@version|:alias]."), a
         return
     rows = [("ref", v.ref), ("kind", v.kind), ("representation", v.representation), ("family", v.family),
             ("format", v.format), ("ranks", ", ".join(map(str, v.ranks)) or "-"),
-            ("alphas", ", ".join(f"{a:g}" for a in v.alphas) or "-"), ("targets", str(v.n_targets)),
+            ("alphas", ", ".join("nan" if a is None else f"{a:g}" for a in v.alphas) or "-"), ("targets", str(v.n_targets)),
             ("params", f"{v.n_params:,}"), ("dtypes", ", ".join(v.dtypes)), ("size", _size(v.size_bytes)),
             ("sha256", v.sha256), ("tensor hash", v.tensor_hash), ("tags", ", ".join(v.tags) or "-"),
             ("aliases", ", ".join(v.aliases) or "-"), ("source", v.source or "-"), ("created", str(v.created_at)),
+            ("finite", {True: "yes", False: "NO: holds NaN or Inf (merges refuse it)", None: "not checked"}[v.finite]),
             ("metadata", json.dumps(v.metadata) if v.metadata else "-")]
     if node.relation:
         inputs = ", ".join(f"{e.role} {e.node.label}" + (f" x{e.scale:g}" if e.scale is not None else "")
@@ -262,7 +264,8 @@ def lineage_cmd(
 
 
 db_app = typer.Typer(help="Registry database schema.", no_args_is_help=True)
-registry_app = typer.Typer(help="Registry maintenance: verify blobs, collect garbage.", no_args_is_help=True)
+registry_app = typer.Typer(help="Registry maintenance: verify blobs, collect garbage, repair stored metadata.",
+                            no_args_is_help=True)
 
 
 @db_app.command("upgrade")
@@ -328,9 +331,34 @@ def gc_cmd(
                   highlight=False)
 
 
+@registry_app.command("repair", epilog=LIMITS_HELP)
+def repair_cmd(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be replaced."),
+    as_json: bool = _JSON,
+) -> None:
+    """Replace stored metadata, configs, lineage recipes and job parameters that break the limits (written before
+    weightlab checked them) with a note saying so. Readers are already shown that note instead; this rewrites the
+    rows themselves. Runs on the database directly ($WEIGHTLAB_DB_URL), like `db upgrade`."""
+    from weightlab.registry import crud
+    from weightlab.registry.db import transaction
+
+    with fail_on_error():
+        from weightlab.registry.api import Registry
+
+        with Registry() as reg, transaction(reg.engine, write=True) as s:
+            found = crud.repair_stored_json(s, dry_run=dry_run)
+    if as_json:
+        _json({"replaced": [] if dry_run else found, "found": found, "dry_run": dry_run})
+        return
+    for line in found:
+        err_console.print(line, highlight=False, soft_wrap=True)
+    verb = "would replace" if dry_run else "replaced"
+    console.print(f"{verb} {len(found)} stored document(s) that break the limits", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     for name, fn in (("add", add_cmd), ("import", import_cmd), ("ls", ls_cmd), ("show", show_cmd),
                      ("alias", alias_cmd), ("tag", tag_cmd), ("lineage", lineage_cmd)):
-        app.command(name)(fn)
+        app.command(name, epilog=LIMITS_HELP if name in ("add", "import", "tag", "alias") else None)(fn)
     app.add_typer(db_app, name="db")
     app.add_typer(registry_app, name="registry")

@@ -162,6 +162,9 @@ def token_revoke_cmd(token_id: int = typer.Argument(..., help="The token's id (`
 
 
 def register(app: typer.Typer) -> None:
-    app.command("serve")(serve_cmd)
+    from weightlab.cli.registry import LIMITS_HELP
+
+    app.command("serve", epilog="What the web API accepts (else 422, nothing stored): " + LIMITS_HELP
+                + " Jobs, tokens and blobs that the caller may not read answer 404, exactly as missing ones.")(serve_cmd)
     app.command("worker")(worker_cmd)
     app.add_typer(token_app, name="token")

@@ -1,16 +1,14 @@
 """Single-file LDM checkpoints (``model.diffusion_model.*``), converted with diffusers' own converter.
 
-The inverse key map (diffusers -> LDM, after diffusers' ``convert_diffusers_to_original_stable_diffusion.py``)
-is kept here to prove that the converter consumed every UNet key: diffusers' converter silently drops keys
-it does not know, and weightlab treats unmatched keys as errors.
+The inverse key map (diffusers -> LDM, after diffusers' ``convert_diffusers_to_original_stable_diffusion.py``,
+for any number of blocks and layers per block) is kept here to prove that the converter consumed every UNet
+key: diffusers' converter silently drops keys it does not know, and weightlab treats unmatched keys as errors.
 """
 
 from __future__ import annotations
 
-import math
-
 from weightlab.errors import UnmatchedKeysError, fmt_keys
-from weightlab.families import SD15
+from weightlab.families import infer_unet_config, unet_shapes_for
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 # Other components a single-file checkpoint may carry; they are not part of the UNet and are left out on purpose.
@@ -19,33 +17,40 @@ LDM_OTHER_PREFIXES = ("first_stage_model.", "cond_stage_model.", "conditioner.",
                       "lvlb_weights")
 
 
-def _layer_map() -> tuple[list, list, list]:
+def _layout(names) -> tuple[int, int, set[int]]:
+    """(down blocks, layers per down block, up blocks with attentions) of a UNet, from its diffusers names."""
+    names = list(names)
+    blocks = {int(k.split(".")[1]) for k in names if k.startswith("down_blocks.")}
+    layers = {int(k.split(".")[3]) for k in names if k.startswith("down_blocks.0.resnets.")}
+    up_attn = {int(k.split(".")[1]) for k in names if k.startswith("up_blocks.") and ".attentions." in k}
+    return max(blocks, default=-1) + 1, max(layers, default=-1) + 1, up_attn
+
+
+def _layer_map(n_blocks: int, layers: int, up_attn: set[int]) -> tuple[list, list, list]:
     top = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+           ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2."),
            ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
     resnet = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
               ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
-    layer = []
-    for i in range(4):
-        for j in range(2):
-            layer.append((f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
-            if i < 3:
-                layer.append((f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
-        for j in range(3):
-            layer.append((f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
-            if i > 0:
-                layer.append((f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
-        if i < 3:
-            layer.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-            layer.append((f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0."))
+    layer, step = [], layers + 1  # LDM numbers every layer of the UNet in one sequence; up blocks have one more
+    for i in range(n_blocks):
+        for j in range(layers):
+            layer.append((f"input_blocks.{step * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
+            layer.append((f"input_blocks.{step * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
+        for j in range(step):
+            layer.append((f"output_blocks.{step * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+            layer.append((f"output_blocks.{step * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
+        if i < n_blocks - 1:
+            layer.append((f"input_blocks.{step * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+            layer.append((f"output_blocks.{step * i + layers}.{2 if i in up_attn else 1}.", f"up_blocks.{i}.upsamplers.0."))
     layer.append(("middle_block.1.", "mid_block.attentions.0."))
     for j in range(2):
         layer.append((f"middle_block.{2 * j}.", f"mid_block.resnets.{j}."))
     return top, resnet, layer
 
 
-def diffusers_to_ldm_name(name: str) -> str:
-    """SD1.x UNet parameter name, diffusers -> LDM (without the ``model.diffusion_model.`` prefix)."""
-    top, resnet, layer = _layer_map()
+def _to_ldm_name(name: str, maps: tuple[list, list, list]) -> str:
+    top, resnet, layer = maps
     for sd_part, hf_part in top:
         if name.startswith(hf_part):
             name = sd_part + name[len(hf_part):]
@@ -58,48 +63,53 @@ def diffusers_to_ldm_name(name: str) -> str:
 
 
 def diffusers_to_ldm(state_dict: dict) -> dict:
-    """Diffusers UNet state dict -> single-file LDM keys (``model.diffusion_model.*``)."""
-    return {LDM_UNET_PREFIX + diffusers_to_ldm_name(k): v for k, v in state_dict.items()}
+    """Diffusers UNet state dict -> single-file LDM keys (``model.diffusion_model.*``); any block layout."""
+    maps = _layer_map(*_layout(state_dict))
+    return {LDM_UNET_PREFIX + _to_ldm_name(k, maps): v for k, v in state_dict.items()}
 
 
 def is_ldm(keys) -> bool:
     return any(k.startswith(LDM_UNET_PREFIX) for k in keys)
 
 
-def infer_unet_config(ldm_unet: dict) -> dict:
-    """SD1.5 UNet config with widths read from the weights (norm groups: gcd(32, first width), 32 for real models)."""
-    c0 = ldm_unet["input_blocks.0.0.weight"].shape[0]
-    widths = [ldm_unet[f"input_blocks.{3 * i + 1}.0.out_layers.3.weight"].shape[0] for i in range(4)]
-    ctx = ldm_unet["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-    return dict(SD15.unet_config, block_out_channels=tuple(widths), cross_attention_dim=ctx,
-                norm_num_groups=math.gcd(32, c0), in_channels=ldm_unet["input_blocks.0.0.weight"].shape[1],
-                out_channels=ldm_unet["out.2.weight"].shape[0])
+def _ldm_layers_per_block(ldm_unet: dict) -> int:
+    """Layers per down block: the input blocks before the first downsampler (``input_blocks.<L+1>.0.op``)."""
+    ops = sorted(int(k.split(".")[1]) for k in ldm_unet if k.startswith("input_blocks.") and ".0.op." in k)
+    if ops:
+        return ops[0] - 1
+    return len({k.split(".")[1] for k in ldm_unet if k.startswith("input_blocks.")}) - 1  # one block: no downsampler
 
 
 def convert_ldm_unet(checkpoint: dict, *, strict: bool = True, source: str = "checkpoint") -> tuple[dict, dict, list[str]]:
-    """LDM single-file -> (diffusers UNet state dict, inferred config, skipped keys).
+    """LDM single-file -> (diffusers UNet state dict, config inferred from the weights, skipped keys).
 
-    Uses ``diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint``. Raises ``UnmatchedKeysError``
-    for ``model.diffusion_model.*`` keys the converter did not consume (unless ``strict=False``).
+    Uses ``diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint`` (any layout: SD1.x, SD2.x, SDXL,
+    distilled), then `weightlab.families.infer_unet_config`. Raises ``UnmatchedKeysError`` for
+    ``model.diffusion_model.*`` keys the converter did not consume (unless ``strict=False``).
     """
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     unet = {k[len(LDM_UNET_PREFIX):]: v for k, v in checkpoint.items() if k.startswith(LDM_UNET_PREFIX)}
     other = [k for k in checkpoint if not k.startswith(LDM_UNET_PREFIX)]
     unknown = [k for k in other if not k.startswith(LDM_OTHER_PREFIXES)]
-    try:
-        config = infer_unet_config(unet)
-    except KeyError as e:
-        raise UnmatchedKeysError(
-            f"{source}: single-file checkpoint lacks the SD1.x UNet key {e}; it is not an sd15 UNet.", [str(e)]) from None
-    converted = convert_ldm_unet_checkpoint({LDM_UNET_PREFIX + k: v for k, v in unet.items()}, config)
-    # The converter renames whole blocks, unknown keys inside them too: keep only real sd15 parameters, so that
-    # errors name the file's own keys (``input_blocks.1.1.extra``), not their renamed forms.
-    converted = {k: v for k, v in converted.items() if k in SD15.signature}
-    consumed = {diffusers_to_ldm_name(k) for k in converted}
+    if "input_blocks.0.0.weight" not in unet:
+        raise UnmatchedKeysError(f"{source}: single-file checkpoint lacks the UNet key "
+                                 f"{LDM_UNET_PREFIX}input_blocks.0.0.weight; it is not a Stable Diffusion UNet.",
+                                 [LDM_UNET_PREFIX + "input_blocks.0.0.weight"])
+    pre = dict(layers_per_block=_ldm_layers_per_block(unet))
+    if "label_emb.0.0.weight" in unet:
+        pre["addition_embed_type"] = "text_time"
+    converted = convert_ldm_unet_checkpoint({LDM_UNET_PREFIX + k: v for k, v in unet.items()}, pre)
+    config = infer_unet_config({k: tuple(v.shape) for k, v in converted.items()}, what=source)
+    # The converter renames whole blocks, unknown keys inside them too: keep only the config's real parameters,
+    # so that errors name the file's own keys (``input_blocks.1.1.extra``), not their renamed forms.
+    shapes = unet_shapes_for(config)
+    converted = {k: v for k, v in converted.items() if k in shapes}
+    maps = _layer_map(*_layout(converted))
+    consumed = {_to_ldm_name(k, maps) for k in converted}
     unknown += [LDM_UNET_PREFIX + k for k in unet if k not in consumed]
     if unknown and strict:
         raise UnmatchedKeysError(
-            f"{source}: {len(unknown)} key(s) match no sd15 UNet parameter: {fmt_keys(unknown)}. "
-            "Fix: check the file is an SD1.x checkpoint, or pass strict=False to report and skip them.", unknown)
+            f"{source}: {len(unknown)} key(s) match no UNet parameter: {fmt_keys(unknown)}. "
+            "Fix: check the file is a Stable Diffusion checkpoint, or pass strict=False to report and skip them.", unknown)
     return converted, config, sorted(unknown)

@@ -1,34 +1,45 @@
-"""LoRA key layouts -> module path + factors.
+"""Adapter key layouts -> module path + factors of a registered algebra (`weightlab.formats.algebra`).
 
 Handled: PEFT/diffusers (``lora_A``/``lora_B``, optionally ``.default``), diffusers' older ``.lora.down/up`` and
 attention-processor keys (``processor.to_q_lora.down``), kohya/A1111 (``lora_unet_<flattened path>.lora_down/up``
-+ ``.alpha``), conv LoRA, and motion LoRAs in AnimateDiff's original naming. Text-encoder keys are recognised
-but not merged (weightlab composes UNets): they count as unmatched, like unknown keys.
++ ``.alpha``; also LyCORIS's ``lycoris_`` prefix), conv LoRA, LyCORIS LoCon (Tucker ``lora_mid``), LoHa
+(``hada_*``), LoKr (``lokr_*``) and full (``diff``/``diff_b``) in kohya/LyCORIS keys, and motion LoRAs in
+AnimateDiff's original naming. OFT/BOFT, GLoRA, IA³ and the other algebras in `algebra.REFUSED` are refused by name.
+Text-encoder keys are recognised but not merged (weightlab composes UNets): they count as unmatched, like unknown
+keys. Alphas: ``.alpha`` keys in any layout, else PEFT's options (`weightlab.formats.adapter_config`), else
+alpha = rank (docs/formats.md). DoRA magnitudes (PEFT ``lora_magnitude_vector``, kohya/LyCORIS ``dora_scale``)
+become `AdapterTarget.magnitude`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
+from weightlab.errors import AdapterOptionError, FileFormatError, fmt_keys
 from weightlab.families import Family
+from weightlab.formats import algebra
+from weightlab.formats.adapter_config import AdapterConfig
 from weightlab.formats.motion import is_original_layout, rename_path
-from weightlab.residuals import LoRATarget
+from weightlab.residuals import AdapterTarget, FactorTarget, LoRATarget
 
-_ROLE_SUFFIXES = (
-    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
-    (".down.weight", "down"), (".up.weight", "up"),
-    (".lora_mid.weight", "mid"), (".alpha", "alpha"),
-)
+_COMMON_ROLES = {".alpha": "alpha", ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
+                 ".dora_scale": "dora_scale"}
+# Every factor suffix of every registered algebra, longest first (``.lora.down.weight`` before ``.down.weight``).
+_ROLE_SUFFIXES = tuple(sorted({**_COMMON_ROLES, **{s: r for a in algebra.ALGEBRAS.values() for s, r in a.suffixes.items()}}.items(),
+                              key=lambda sr: -len(sr[0])))
+# Suffixes no UNet parameter has: a key ending in one is an adapter key whatever its prefix.
+_DISTINCT = tuple(s for a in algebra.ALGEBRAS.values() if a.name != "lora" for s in a.suffixes) + tuple(algebra.REFUSED)
+_KOHYA_PREFIXES = ("lora_unet_", "lycoris_")  # kohya/A1111; LyCORIS's own wrapper
 _STRIP_PREFIXES = ("base_model.model.", "unet.", "model.")
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te.")
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 
 
 def is_lora(keys) -> bool:
-    return any(k.endswith(s) for k in keys for s, _ in _ROLE_SUFFIXES if s != ".alpha" and "lora" in k.lower())
+    """Whether ``keys`` are an adapter's (any registered algebra, or one refused by name)."""
+    return any(k.endswith(_DISTINCT) or ("lora" in k.lower() and any(k.endswith(s) for s, r in _ROLE_SUFFIXES if r != "alpha"))
+               for k in keys)
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -38,14 +49,20 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _module_path(raw: str, family: Family) -> str | None:
-    """Normalise one raw module name to a family module path, or None if it maps to nothing."""
-    if raw.startswith("lora_unet_"):
-        return family.kohya_names.get(raw[len("lora_unet_"):])
+def _peft_name(raw: str) -> str:
+    """The module's name in the model the adapter was made for: what PEFT's rank/alpha patterns match."""
     for p in _STRIP_PREFIXES:
         if raw.startswith(p):
-            raw = raw[len(p):]
-            break
+            return raw[len(p):]
+    return raw
+
+
+def _module_path(raw: str, family: Family) -> str | None:
+    """Normalise one raw module name to a family module path, or None if it maps to nothing."""
+    for prefix in _KOHYA_PREFIXES:
+        if raw.startswith(prefix):
+            return family.kohya_names.get(raw[len(prefix):])
+    raw = _peft_name(raw)
     m = _PROCESSOR.search(raw)
     if m:
         raw = raw[: m.start()] + "." + ("to_out.0" if m.group(1) == "to_out" else m.group(1))
@@ -54,33 +71,107 @@ def _module_path(raw: str, family: Family) -> str | None:
     return raw if raw in family.weight_modules else None
 
 
-def parse_lora(state_dict: dict, family: Family) -> tuple[dict[str, LoRATarget], list[str]]:
-    """Group a LoRA state dict by target module. Returns ``(targets, unmatched_keys)``.
+def parse_lora(state_dict: dict, family: Family, *, adapter: AdapterConfig | None = None,
+               source: str = "LoRA") -> tuple[dict[str, AdapterTarget], list[str]]:
+    """Group an adapter state dict by target module and algebra. Returns ``(targets, unmatched_keys)``.
 
-    A key is unmatched if its module maps to no weight of ``family``, if it belongs to a text encoder, if it has
-    an unknown role, or if its module lacks a down or up factor or has a non-scalar alpha. LoCon/Tucker
-    ``lora_mid`` tensors are unmatched too (not supported yet), so such files fail loudly instead of merging wrongly.
+    Each module's factors select one registered algebra (`weightlab.formats.algebra`): LoRA/LoCon (a Tucker
+    ``lora_mid`` is folded into down) becomes a :class:`LoRATarget`, LoHa/LoKr/full diff a :class:`FactorTarget`.
+    A module's alpha (kohya's convention, scale = alpha / rank) comes from its ``.alpha`` key, else from
+    ``adapter`` (PEFT's options: see `weightlab.formats.adapter_config`), else it is None (alpha = rank, the
+    diffusers/PEFT convention for files without options). A key is unmatched if its module maps to no weight of
+    ``family``, if it belongs to a text encoder, if it has an unknown role, or if its module has no factor or lacks
+    a LoRA down or up factor, has a non-scalar alpha or two kinds of DoRA magnitude, or is given twice.
+
+    Raises:
+        AdapterOptionError: a refused algebra (OFT/BOFT, GLoRA, IA³, ...), a DoRA file without a magnitude for some
+            module, or ``adapter`` options that contradict the tensors (a rank, or an alpha that differs from the
+            file's ``.alpha`` key, or PEFT options on a non-LoRA module).
+        FileFormatError: a module whose factors are incomplete or do not fit together (LoHa, LoKr, full diff, a
+            LoCon Tucker core), or that mixes two algebras.
     """
-    parts: dict[str, dict[str, object]] = {}
+    groups: dict[str, dict[str, object]] = {}
     owners: dict[str, list[str]] = {}
     unmatched: list[str] = []
+    refused = [(k, name) for k in state_dict for s, name in algebra.REFUSED.items() if k.endswith(s)]
+    if refused:
+        raise AdapterOptionError(
+            f"{source}: holds {refused[0][1]} factors (`{refused[0][0]}`"
+            + (f" and {len(refused) - 1} more" if len(refused) > 1 else "") + "); weightlab merges LoRA, LoCon, "
+            "LoHa, LoKr, full diff and DoRA, not this algebra. Fix: merge it into the UNet with the tool that made it "
+            "(LyCORIS `create_lycoris_from_weights(...).merge_to()`, PEFT `merge_and_unload()`), save that UNet and "
+            "use it as a dense style term.")
     for key, value in state_dict.items():
         split = _split(key)
-        if split is None or key.startswith(TEXT_ENCODER_PREFIXES) or split[1] == "mid":
+        if split is None or key.startswith(TEXT_ENCODER_PREFIXES):
             unmatched.append(key)
             continue
-        raw, role = split
+        groups.setdefault(split[0], {})[split[1]] = value
+        owners.setdefault(split[0], []).append(key)
+    targets: dict[str, AdapterTarget] = {}
+    contradictions: list[str] = []
+    for raw, p in groups.items():
         path = _module_path(raw, family)
-        if path is None:
-            unmatched.append(key)
+        factors = {r: v for r, v in p.items() if r not in ("alpha", "magnitude", "dora_scale")}
+        found = algebra.of(factors)
+        if len(found) > 1:
+            raise FileFormatError(f"{source}: module `{raw}` mixes {' and '.join(a.name for a in found)} factors "
+                                  f"({fmt_keys(owners[raw])}). Fix: the file is damaged; get it again from its source.")
+        if (path is None or path in targets or not found or {"magnitude", "dora_scale"} <= set(p)
+                or ("alpha" in p and p["alpha"].numel() != 1)
+                or (found[0].name == "lora" and ("down" not in p or "up" not in p))):
+            unmatched.extend(owners[raw])
             continue
-        parts.setdefault(path, {})[role] = value
-        owners.setdefault(path, []).append(key)
-    targets = {}
-    for path, p in parts.items():
-        if "down" not in p or "up" not in p or ("alpha" in p and p["alpha"].numel() != 1):
-            unmatched.extend(owners[path])
+        alg = found[0]
+        why = alg.check(factors, None)
+        if why is not None:
+            raise FileFormatError(f"{source}: module `{raw}` ({fmt_keys(owners[raw])}): {why}. Fix: the file is "
+                                  "incomplete or damaged; save it again with the tool that trained it (LyCORIS "
+                                  "`save_weights`).")
+        magnitude = p.get("magnitude", p.get("dora_scale"))
+        dora = "lycoris" if "dora_scale" in p else "peft"
+        rank = alg.rank(factors)
+        if alg.name == "lora":
+            down, up = algebra.lora.factored(factors)
+            alpha = _kohya_alpha(raw, rank, p.get("alpha"), adapter, contradictions)
+            targets[path] = LoRATarget(down, up, alpha=alpha, magnitude=magnitude, dora=dora)
             continue
-        alpha = p.get("alpha")
-        targets[path] = LoRATarget(down=p["down"], up=p["up"], alpha=None if alpha is None else float(alpha))
+        if adapter is not None:
+            contradictions.append(f"`{raw}` is a {alg.name} module, which PEFT's LoRA options do not describe")
+        alpha = None if "alpha" not in p else float(p["alpha"])
+        targets[path] = FactorTarget(alg.name, factors, name=raw, alpha=alpha, magnitude=magnitude, dora=dora)
+    _check_dora(targets, adapter, source)
+    if contradictions:
+        raise AdapterOptionError(
+            f"{source}: the adapter options ({adapter.where}) contradict the tensors: {'; '.join(contradictions[:5])}"
+            + (f"; ... ({len(contradictions) - 5} more)" if len(contradictions) > 5 else "")
+            + ". Fix: use the options saved with these weights (PEFT `save_pretrained` writes both; diffusers "
+              "`save_lora_weights(..., unet_lora_adapter_metadata=model.peft_config[name].to_dict())`).")
     return dict(sorted(targets.items())), sorted(unmatched)
+
+
+def _check_dora(targets: dict[str, AdapterTarget], adapter: AdapterConfig | None, source: str) -> None:
+    """A DoRA file (``use_dora``, or any magnitude vector) needs a magnitude for every module it targets."""
+    has = [p for p, t in targets.items() if t.magnitude is not None]
+    missing = [p for p, t in targets.items() if t.magnitude is None]
+    if missing and (has or (adapter is not None and adapter.use_dora)):
+        raise AdapterOptionError(
+            f"{source}: a DoRA adapter needs a magnitude vector (`lora_magnitude_vector`/`dora_scale`) for every module; "
+            f"{len(missing)} have none: {fmt_keys(missing, 5)}. Fix: the file is incomplete; save it again with PEFT "
+            "(`save_pretrained`) or diffusers (`get_peft_model_state_dict`).")
+
+
+def _kohya_alpha(raw: str, rank: int, alpha_key, adapter: AdapterConfig | None, contradictions: list[str]) -> float | None:
+    """The module's alpha in kohya's convention (scale = alpha / rank); appends to ``contradictions``."""
+    alpha = None if alpha_key is None else float(alpha_key)
+    if adapter is None:
+        return alpha
+    name = _peft_name(raw)
+    expected, option = adapter.rank(name)
+    if expected != rank:
+        contradictions.append(f"`{raw}` has rank {rank} but `{option}` = {expected}")
+        return alpha
+    peft_alpha = adapter.scale(name) * rank
+    if alpha is not None and not math.isclose(alpha, peft_alpha, rel_tol=1e-6):
+        contradictions.append(f"`{raw}.alpha` = {alpha:g} but the options give alpha {peft_alpha:g} (scale {peft_alpha / rank:g})")
+    return peft_alpha

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from weightlab.errors import FileFormatError, WeightlabError
+from weightlab.schedules import NoiseSchedule, schedule_metadata
 
 log = logging.getLogger(__name__)
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -35,11 +36,13 @@ class BaseModels:
     alphas_cumprod: torch.Tensor  # ᾱ_t, t = 0..T-1 (fp32, on the device)
     prediction_type: str
     scheduler_config: dict
+    schedule: NoiseSchedule  # what the run trains under (recorded in its output)
 
 
 def load_base(cfg, device: torch.device, dtype: torch.dtype) -> BaseModels:
     """Load ``cfg.base`` (a diffusers pipeline folder). The text encoder is cast to ``dtype``; the VAE stays fp32
-    (SD1.5's VAE overflows in fp16) and so does the UNet (the trainers copy or train it)."""
+    (SD1.5's VAE overflows in fp16) and so does the UNet (the trainers copy or train it). The noise schedule is the
+    base's with ``cfg.beta_schedule``/``beta_start``/``beta_end`` where set (T and the prediction type are the base's)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -55,12 +58,13 @@ def load_base(cfg, device: torch.device, dtype: torch.dtype) -> BaseModels:
     unet = UNet2DConditionModel.from_pretrained(base / "unet", local_files_only=True).to(device)
     for m in (text_encoder, vae, unet):
         m.requires_grad_(False).eval()
-    sched_cfg = dict(DDPMScheduler.load_config(base / "scheduler"))
-    if cfg.beta_schedule is not None:
-        sched_cfg["beta_schedule"] = cfg.beta_schedule
+    base_sched = dict(DDPMScheduler.load_config(base / "scheduler"))
+    schedule = NoiseSchedule.from_config(base_sched).replace(
+        beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+    sched_cfg = {**base_sched, **schedule.scheduler_kwargs()}
     noise = DDPMScheduler.from_config(sched_cfg)
     return BaseModels(tokenizer, text_encoder, vae, unet, noise.alphas_cumprod.to(device, torch.float32),
-                      noise.config.prediction_type, sched_cfg)
+                      noise.config.prediction_type, sched_cfg, schedule)
 
 
 def build_accelerator(cfg, name: str):
@@ -170,10 +174,14 @@ def lora_tensors(unet, *, rank: int, alpha: float | None) -> dict[str, torch.Ten
             for k, v in get_peft_model_state_dict(unet).items()}
 
 
-def output_metadata(cfg, *, trainer: str, kind: str, representation: str) -> dict[str, str]:
-    """safetensors ``__metadata__`` of a trained residual: kind/family for ``weightlab.load`` and the full config."""
+def output_metadata(cfg, models: BaseModels, *, trainer: str, kind: str, representation: str) -> dict[str, str]:
+    """safetensors ``__metadata__`` of a trained residual: kind/family for ``weightlab.load``, the full config, and
+    the noise schedule trained under (with the DDIM solver's N, k and σ_d for a consistency distillation), which
+    the motion stage and the video sampler check (:mod:`weightlab.schedules`)."""
+    distill = {k: getattr(cfg, k) for k in ("num_ddim_timesteps", "sigma_data", "timestep_scaling") if hasattr(cfg, k)}
     return {"weightlab.kind": kind, "weightlab.family": "sd15", "weightlab.representation": representation,
-            "weightlab.trainer": trainer, "weightlab.training_config": cfg.model_dump_json()}
+            "weightlab.trainer": trainer, "weightlab.training_config": cfg.model_dump_json(),
+            **schedule_metadata(models.schedule, **distill)}
 
 
 class TrainState:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from weightlab.errors import WeightlabError
+from weightlab.schedules import ANIMATELCM
 
 # DESIGN.md "Trainers": the LCM-LoRA target list (diffusers train_lcm_distill_lora_sd_wds.py).
 LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -81,7 +82,10 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     empty_caption_prob: float = Field(0.0, ge=0, le=1)
-    beta_schedule: Literal["linear", "scaled_linear"] | None = None  # None: the base's scheduler config
+    # The noise schedule trained under (recorded in the output's metadata); None keeps the base's scheduler config.
+    beta_schedule: Literal["linear", "scaled_linear"] | None = None
+    beta_start: float | None = Field(None, gt=0, lt=1)
+    beta_end: float | None = Field(None, gt=0, lt=1)
     checkpoint_every: int = Field(500, ge=1)
     checkpoints_keep: int = Field(2, ge=1)
     resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints if there is one
@@ -89,6 +93,12 @@ class TrainConfig(_Strict):
     validation_prompts: tuple[str, ...] = ("a photo of a cat",)  # () turns validation samples off
     num_workers: int = Field(0, ge=0)
     register_as: RegisterConfig | None = None
+
+    @model_validator(mode="after")
+    def _beta_range(self):
+        if self.beta_start is not None and self.beta_end is not None and self.beta_start >= self.beta_end:
+            raise ValueError(f"beta_start ({self.beta_start}) must be below beta_end ({self.beta_end})")
+        return self
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The config as YAML (paths as strings); written to ``path`` when given."""
@@ -110,8 +120,16 @@ class StyleLoRAConfig(TrainConfig):
 
 
 class _DistillConfig(TrainConfig):
-    """Latent consistency distillation (LCM §4; AnimateLCM): solver, guidance range, boundary scalings, loss."""
+    """Latent consistency distillation (LCM §4; AnimateLCM): solver, guidance range, boundary scalings, loss.
 
+    The schedule defaults to AnimateLCM's linear β 0.00085–0.012, the one the video model samples with, whatever the
+    base was trained under (SD1.5: scaled_linear): a consistency model solves the ODE of the schedule it was
+    distilled under, and every stage of one video model must share it (``weightlab.schedules``).
+    """
+
+    beta_schedule: Literal["linear", "scaled_linear"] | None = ANIMATELCM.beta_schedule
+    beta_start: float | None = Field(ANIMATELCM.beta_start, gt=0, lt=1)
+    beta_end: float | None = Field(ANIMATELCM.beta_end, gt=0, lt=1)
     w_min: float = 5.0
     w_max: float = 15.0
     num_ddim_timesteps: int = Field(50, ge=1)
@@ -146,7 +164,6 @@ class MotionLCMConfig(_DistillConfig):
     teacher_motion: Path
     init_motion: Literal["teacher", "new"] | Path = "teacher"
     ema_decay: float = Field(0.95, ge=0, lt=1)
-    beta_schedule: Literal["linear", "scaled_linear"] | None = "linear"  # AnimateDiff's schedule
     empty_caption_prob: float = Field(0.1, ge=0, le=1)
 
 

@@ -7,8 +7,9 @@ Per sample (LCM Algorithm 1 with the LCM-LoRA choices of diffusers' ``train_lcm_
 n ~ U{0..N−1}, ``t = t_n``, ``s = max(t − k, 0)``, ``x_t = α_t·z + σ_t·ε``, w ~ U[w_min, w_max]; the frozen
 teacher gives CFG-augmented ``(x̂_0, ε̂) = cond + w·(cond − uncond)``, one DDIM step gives ``x̂_s``; the loss is the
 pseudo-Huber distance between the student's ``f(x_t, t)`` and the target's ``f(x̂_s, s)``, where the target is the
-online student itself under ``no_grad`` (no EMA copy for the LoRA variant). Output: ``lcm_lora.safetensors``
-(diffusers/PEFT keys, kind ``image_accel``).
+online student itself under ``no_grad`` (no EMA copy for the LoRA variant). The noise schedule is the video
+sampler's (AnimateLCM's linear β) unless configured, not the base's. Output: ``lcm_lora.safetensors`` (diffusers/PEFT
+keys, kind ``image_accel``; the schedule, solver, N, k and σ_d in its metadata).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import copy
 import torch
 
 from weightlab.files import save_tensors
+from weightlab.schedules import make_scheduler
 from weightlab.train import common
 from weightlab.train.config import ImageLCMConfig
 from weightlab.train.consistency import DDIMSolver, distillation_loss
@@ -66,11 +68,10 @@ def lcm_loss(cfg: ImageLCMConfig, accelerator, unet, teacher, models: common.Bas
 
 
 def validate(cfg: ImageLCMConfig, accelerator, unet, models: common.BaseModels, step: int):
-    """Sample the validation prompts in 4 LCM steps without CFG; one GIF frame per prompt."""
-    from diffusers import LCMScheduler
-
+    """Sample the validation prompts in 4 LCM steps without CFG (``weightlab generate``'s scheduler settings under the
+    run's schedule); one GIF frame per prompt."""
     images = common.sample_images(accelerator, models, accelerator.unwrap_model(unet),
-                                  LCMScheduler.from_config(models.scheduler_config), cfg.validation_prompts,
+                                  make_scheduler("lcm", models.scheduler_config, models.schedule), cfg.validation_prompts,
                                   steps=4, guidance=1.0, resolution=cfg.data.resolution, seed=cfg.seed)
     return common.write_gif(images, cfg.output_dir / "samples" / f"step-{step:08d}.gif", fps=1)
 
@@ -124,7 +125,7 @@ def train(cfg: ImageLCMConfig, *, stop_after: int | None = None) -> common.Train
         if cfg.validation_prompts:
             validate(cfg, acc, unet, models, run.state.step)
         tensors = common.lora_tensors(acc.unwrap_model(unet), rank=cfg.rank, alpha=cfg.lora_alpha)
-        meta = common.output_metadata(cfg, trainer=NAME, kind="image_accel", representation="lora")
+        meta = common.output_metadata(cfg, models, trainer=NAME, kind="image_accel", representation="lora")
         outputs.append(save_tensors(tensors, cfg.output_dir / OUTPUT, meta))
         if cfg.register_as is not None:
             registered.append(common.register_output(cfg, outputs[0], trainer=NAME, kind="image_accel",

@@ -9,14 +9,16 @@ Three networks over video latents ``[B, C, F, H, W]`` (AnimateLCM, decoupled con
   ``λ_n = 1 − μ^n``: the target's copy of the frozen LoRA delta starts at zero and follows the same EMA, so the
   target begins *without* the LoRA (AnimateLCM's initialization strategy) and converges to the online model;
 - teacher = base + ``teacher_motion``, with CFG ``cond + w·(cond − uncond)``, w ~ U[w_min, w_max].
-The loss and solver are the image stage's (:func:`~weightlab.train.consistency.distillation_loss`), with the
-AnimateDiff linear β schedule and 10% empty captions by default. Outputs: ``motion_module/`` (diffusers
+The loss and solver are the image stage's (:func:`~weightlab.train.consistency.distillation_loss`), with
+AnimateLCM's linear β schedule and 10% empty captions by default; an image LoRA recorded as distilled under another
+schedule is refused. Outputs: ``motion_module/`` (diffusers
 MotionAdapter folder) and ``motion_module_animatediff.safetensors`` (original AnimateDiff keys), kind ``motion``.
 """
 
 from __future__ import annotations
 
 import json
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,8 @@ import torch
 
 from weightlab.errors import ShapeMismatchError, WeightlabError
 from weightlab.files import save_tensors
-from weightlab.residuals import LoRA, LoRATarget
+from weightlab.residuals import LoRA
+from weightlab.schedules import check_distilled, make_scheduler
 from weightlab.train import common
 from weightlab.train.config import MotionLCMConfig
 from weightlab.train.consistency import DDIMSolver, distillation_loss, ema_update_
@@ -73,7 +76,13 @@ def load_image_lora(path, device: torch.device):
         raise WeightlabError(f"{path}: image_lora must be a spatial LoRA (the image-lcm output), got "
                              f"{type(lora).__name__} kind {lora.kind!r}. "
                              "Fix: pass the lcm_lora.safetensors of an image-lcm run.")
-    lora.targets = {p: LoRATarget(t.down.to(device), t.up.to(device), t.alpha) for p, t in lora.targets.items()}
+    dora = sorted(p for p, t in lora.targets.items() if t.magnitude is not None)
+    if dora:
+        raise WeightlabError(f"{path}: image_lora is a DoRA file ({len(dora)} target(s), e.g. {dora[0]}); the motion "
+                             "stage freezes a plain LoRA, whose change does not depend on the weight. "
+                             "Fix: pass the lcm_lora.safetensors of an image-lcm run.")
+    lora.targets = {p: dataclasses.replace(t, down=t.down.to(device), up=t.up.to(device))
+                    for p, t in lora.targets.items()}
     return lora
 
 
@@ -124,6 +133,10 @@ def build_networks(cfg: MotionLCMConfig, models: common.BaseModels, dtype: torch
         init = load_motion_adapter(cfg.init_motion)
     device = models.unet.device
     lora = load_image_lora(cfg.image_lora, device)
+    check_distilled(lora.metadata, models.schedule, source=f"image_lora {cfg.image_lora}",
+                    user="this motion stage (and the video sampler after it)",
+                    fix="distil the image LCM-LoRA again with image-lcm's default schedule (AnimateLCM's linear beta "
+                        "0.00085-0.012) or the same beta_schedule/beta_start/beta_end as this motion-lcm config.")
     base = dict(models.unet.named_parameters())
 
     try:
@@ -171,12 +184,14 @@ def motion_loss(cfg: MotionLCMConfig, accelerator, online, target, teacher, mode
 
 
 def validate(cfg: MotionLCMConfig, accelerator, online, models: common.BaseModels, step: int) -> list:
-    """One GIF per validation prompt: AnimateDiffPipeline around the online model, 4 LCM steps, no CFG."""
-    from diffusers import AnimateDiffPipeline, LCMScheduler
+    """One GIF per validation prompt: AnimateDiffPipeline around the online model, 4 LCM steps, no CFG
+    (``weightlab generate``'s scheduler settings under the run's schedule)."""
+    from diffusers import AnimateDiffPipeline
 
     unet = accelerator.unwrap_model(online)
+    scheduler = make_scheduler("lcm", models.scheduler_config, models.schedule)
     pipe = AnimateDiffPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=unet,
-                               motion_adapter=None, scheduler=LCMScheduler.from_config(models.scheduler_config))
+                               motion_adapter=None, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     unet.eval()
     paths = []
@@ -190,18 +205,20 @@ def validate(cfg: MotionLCMConfig, accelerator, online, models: common.BaseModel
     return paths
 
 
-def save_motion_module(cfg: MotionLCMConfig, online, config: dict) -> list:
-    """The trained motion module as a diffusers MotionAdapter folder and as an original-layout AnimateDiff file."""
+def save_motion_module(cfg: MotionLCMConfig, online, config: dict, models: common.BaseModels) -> list:
+    """The trained motion module as a diffusers MotionAdapter folder and as an original-layout AnimateDiff file,
+    both with the run's metadata (schedule, solver) in their safetensors header."""
     from diffusers import MotionAdapter
 
     from weightlab.formats.motion import to_original_names
 
     adapter = MotionAdapter(**config)
     adapter.load_state_dict({k: v for k, v in online.state_dict().items() if ".motion_modules." in k})
-    folder = cfg.output_dir / OUTPUT_DIR
-    adapter.save_pretrained(folder)
-    meta = common.output_metadata(cfg, trainer=NAME, kind="motion", representation="module")
+    meta = common.output_metadata(cfg, models, trainer=NAME, kind="motion", representation="module")
     meta["weightlab.config"] = json.dumps(config)
+    folder = cfg.output_dir / OUTPUT_DIR
+    adapter.save_config(folder)  # the folder MotionAdapter.save_pretrained writes, with our metadata in the weights
+    save_tensors(adapter.state_dict(), folder / "diffusion_pytorch_model.safetensors", {"format": "pt", **meta})
     original = to_original_names(adapter.state_dict(), with_pos_encoder=True)
     file = save_tensors(original, cfg.output_dir / OUTPUT_FILE, meta)
     return [folder, file]
@@ -260,7 +277,7 @@ def train(cfg: MotionLCMConfig, *, stop_after: int | None = None) -> common.Trai
     if acc.is_main_process:
         if cfg.validation_prompts:
             validate(cfg, acc, online, models, run.state.step)
-        outputs = save_motion_module(cfg, acc.unwrap_model(online), nets.adapter_config)
+        outputs = save_motion_module(cfg, acc.unwrap_model(online), nets.adapter_config, models)
         if cfg.register_as is not None:
             inputs = [("base", cfg.base), ("image_accel", cfg.image_lora), ("teacher", cfg.teacher_motion)]
             if isinstance(cfg.init_motion, Path):

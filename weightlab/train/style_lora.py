@@ -4,8 +4,8 @@
     accelerate launch --num_processes 4 -m weightlab.train style-lora --config style.yaml
 
 Loss: ``‖ε − ε̂(x_t, t, c)‖²`` per sample (``v`` for v-prediction bases), optionally weighted by
-``min(SNR_t, γ) / SNR_t`` (min-SNR-γ, Hang et al. 2023). Output: ``style_lora.safetensors`` (diffusers/PEFT keys,
-kind ``style``).
+``min(SNR_t, γ) / SNR_t`` (min-SNR-γ, Hang et al. 2023), under the base's noise schedule unless configured. Output:
+``style_lora.safetensors`` (diffusers/PEFT keys, kind ``style``; the schedule in its metadata).
 
 Example:
     >>> from weightlab.train import StyleLoRAConfig, DataConfig, train_style_lora     # doctest: +SKIP
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from weightlab.files import save_tensors
+from weightlab.schedules import make_scheduler
 from weightlab.train import common
 from weightlab.train.config import StyleLoRAConfig
 from weightlab.train.consistency import add_noise
@@ -62,11 +63,10 @@ def style_loss(cfg: StyleLoRAConfig, accelerator, unet, models: common.BaseModel
 
 
 def validate(cfg: StyleLoRAConfig, accelerator, unet, models: common.BaseModels, step: int):
-    """Sample the validation prompts with DDIM and classifier-free guidance; one GIF frame per prompt."""
-    from diffusers import DDIMScheduler
-
+    """Sample the validation prompts with DDIM (``weightlab generate --sampler ddim``'s settings under the run's
+    schedule) and classifier-free guidance; one GIF frame per prompt."""
     images = common.sample_images(accelerator, models, accelerator.unwrap_model(unet),
-                                  DDIMScheduler.from_config(models.scheduler_config), cfg.validation_prompts,
+                                  make_scheduler("ddim", models.scheduler_config, models.schedule), cfg.validation_prompts,
                                   steps=cfg.validation_steps, guidance=cfg.validation_guidance,
                                   resolution=cfg.data.resolution, seed=cfg.seed)
     return common.write_gif(images, cfg.output_dir / "samples" / f"step-{step:08d}.gif", fps=1)
@@ -119,7 +119,7 @@ def train(cfg: StyleLoRAConfig, *, stop_after: int | None = None) -> common.Trai
         if cfg.validation_prompts:
             validate(cfg, acc, unet, models, run.state.step)
         tensors = common.lora_tensors(acc.unwrap_model(unet), rank=cfg.rank, alpha=cfg.lora_alpha)
-        meta = common.output_metadata(cfg, trainer=NAME, kind="style", representation="lora")
+        meta = common.output_metadata(cfg, models, trainer=NAME, kind="style", representation="lora")
         outputs.append(save_tensors(tensors, cfg.output_dir / OUTPUT, meta))
         if cfg.register_as is not None:
             registered.append(common.register_output(cfg, outputs[0], trainer=NAME, kind="style",

@@ -11,11 +11,12 @@ from starlette.requests import ClientDisconnect
 from weightlab.registry import folder_tar
 from weightlab.registry.ingest import stage
 from weightlab.registry.onnx_artifact import describe_onnx, is_onnx_export
-from weightlab.registry.schemas import Kind, VersionInfo, check_label, manifest_digest
+from weightlab.registry.schemas import Kind, VersionInfo, check_json, check_label, manifest_digest
 from weightlab.registry.server import transfer
-from weightlab.registry.server.deps import (NAME_PATTERN, SHA256_PATTERN, AccessDep, NamePath, RegistryDep, SettingsDep,
-                                            WriteNamespace)
-from weightlab.registry.server.routes.versions import _derivation, _metadata, register_received
+from weightlab.registry.server.deps import (NAME_PATTERN, SHA256_PATTERN, TEXT_PATTERN, AccessDep, NamePath,
+                                            RegistryDep, SettingsDep, WriteNamespace)
+from weightlab.registry.server.routes.versions import (METADATA_HELP, SOURCE_HELP, TAG_HELP, _derivation, _metadata,
+                                                       register_received)
 from weightlab.registry.store import HashMismatchError
 
 router = APIRouter(tags=["versions"])
@@ -27,15 +28,18 @@ _TAR_BODY = {"requestBody": {"required": True, "description": "the folder as an 
 
 
 def _check_before_storing(folder, *, kind: str | None, strict: bool) -> None:
-    """The checks ``Registry.add`` runs after storing, run first so that a refused upload leaves no blob behind."""
+    """The checks ``Registry.add`` runs after storing, run first so that a refused upload leaves no blob behind
+    (the folder's config, which the version records, within the metadata limits too)."""
     from weightlab.loading import load
 
     with stage(folder):  # the ingest rules first: no pickles, sound safetensors headers
         pass
     if kind == "onnx" or is_onnx_export(folder):
-        describe_onnx(folder)
+        config = describe_onnx(folder).config
     else:
-        load(folder, kind=kind, strict=strict)
+        config = getattr(load(folder, kind=kind, strict=strict), "config", None)
+    if config:
+        check_json(config, "config")
 
 
 @router.post("/artifacts/{namespace}/{name}/folders", response_model=VersionInfo, status_code=201,
@@ -48,9 +52,9 @@ async def upload_folder(
                                  "`<sha256>  <path>` lines sorted by path; a mismatch stores nothing")],
     folder: Annotated[str, Query(pattern=NAME_PATTERN, description="the folder's name (recorded as the source)")] = "folder",
     kind: Kind | None = None,
-    tag: Annotated[list[str], Query(max_length=100)] = [],
-    metadata: Annotated[str | None, Query(max_length=65536, description="a JSON object")] = None,
-    source: Annotated[str | None, Query(max_length=2048, description="where the folder came from (recorded)")] = None,
+    tag: Annotated[list[str], Query(max_length=100, description=TAG_HELP)] = [],
+    metadata: Annotated[str | None, Query(max_length=65536, description=METADATA_HELP)] = None,
+    source: Annotated[str | None, Query(max_length=2048, pattern=TEXT_PATTERN, description=SOURCE_HELP)] = None,
     lineage: Annotated[str | None, Query(max_length=8192, description="how it was produced: a Derivation as JSON")] = None,
     strict: Annotated[bool, Query(description="refuse keys that map to no module of the family")] = True,
     exist_ok: Annotated[bool, Query(description="when the artifact already holds this folder, return that version "
@@ -93,4 +97,4 @@ async def upload_folder(
         return await register_received(
             registry, response, root, shown=folder, check=_check_before_storing, name=f"{namespace}/{name}",
             digest=digest, trusted=False, kind=kind, tags=tags, metadata=meta, lineage=derivation, strict=strict,
-            exist_ok=exist_ok, recorded_source=source or f"upload:{folder}/")
+            exist_ok=exist_ok, recorded_source=source or f"upload:{folder}/", namespaces=access.readable())

@@ -27,7 +27,8 @@ def _redact(node: LineageNode, readable: set[str] | None) -> LineageNode:
 def get_lineage(namespace: ReadNamespace, name: NamePath, version: VersionPath, registry: RegistryDep,
                 access: AccessDep, depth: Annotated[int | None, Query(ge=0, le=1000)] = None) -> LineageNode:
     """The version and, recursively, its inputs with their roles and scales (merges: the base and every term)."""
-    return _redact(registry.lineage(version_ref(namespace, name, version), depth=depth), access.readable())
+    readable = access.readable()
+    return _redact(registry.lineage(version_ref(namespace, name, version), depth=depth, namespaces=readable), readable)
 
 
 @router.post("/artifacts/{namespace}/{name}/versions/{version}/lineage", response_model=LineageNode,
@@ -35,8 +36,11 @@ def get_lineage(namespace: ReadNamespace, name: NamePath, version: VersionPath, 
 def add_lineage(namespace: WriteNamespace, name: NamePath, version: VersionPath, body: Derivation,
                 registry: RegistryDep, access: AccessDep) -> LineageNode:
     """Record how the version was produced (once: lineage never changes). Inputs named by reference must be
-    readable by the caller."""
+    readable by the caller; an input given only by ``tensor_hash`` links to a version holding those tensors among
+    those the caller may read (then or, if none does yet, when read later), and to no other: the answer is the same
+    whether or not a version the caller cannot read holds them. The recipe obeys the metadata limits."""
     for inp in body.inputs:
         if inp.ref is not None:
             access.require_ref(inp.ref, "read")
-    return _redact(registry.add_lineage(version_ref(namespace, name, version), body), access.readable())
+    readable = access.readable()
+    return _redact(registry.add_lineage(version_ref(namespace, name, version), body, namespaces=readable), readable)

@@ -42,12 +42,13 @@ def current_token(registry: RegistryDep, principal: PrincipalDep, access: Access
 
 @router.delete("/{token_id}", status_code=204, response_class=Response, summary="Revoke a token")
 def delete_token(token_id: TokenId, registry: RegistryDep, access: AccessDep) -> Response:
-    """Revoke a token of a namespace the caller administers (a token may revoke itself)."""
+    """Revoke a token of a namespace the caller administers (a token may revoke itself). Any other id answers 404,
+    exactly as one that does not exist."""
     access.require_token()
     with transaction(registry.engine) as s:
         token = auth.get_token(s, token_id=token_id)
-    if token_id != access.principal.token_id:
-        access.require(token.namespace, "admin")
+    if token_id != access.principal.token_id and not access.principal.grants(token.namespace, "admin"):
+        raise auth.token_not_found(token_id)  # exactly as if it did not exist: ids reveal nothing
     with transaction(registry.engine, write=True) as s:
         auth.delete_token(s, token_id=token_id)
     return Response(status_code=204)

@@ -11,10 +11,12 @@ from starlette.requests import ClientDisconnect
 
 from weightlab.errors import NotFoundError, RegistryError, WeightlabError
 from weightlab.registry.api import DuplicateVersionError
-from weightlab.registry.schemas import Derivation, Kind, VersionInfo, check_label
+from weightlab.registry.schemas import (JSON_LIMITS, Derivation, Kind, MetadataError, VersionInfo, check_label,
+                                        parse_json)
 from weightlab.registry.server import transfer
-from weightlab.registry.server.deps import (FILENAME_PATTERN, NAME_PATTERN, SHA256_PATTERN, AccessDep, NamePath, ReadNamespace,
-                                            RegistryDep, SettingsDep, VersionPath, WriteNamespace, version_ref)
+from weightlab.registry.server.deps import (FILENAME_PATTERN, LABEL_PATTERN, NAME_PATTERN, SHA256_PATTERN, TEXT_PATTERN,
+                                            AccessDep, NamePath, ReadNamespace, RegistryDep, SettingsDep, VersionPath,
+                                            WriteNamespace, version_ref)
 from weightlab.registry.store import HashMismatchError
 
 router = APIRouter(tags=["versions"])
@@ -32,9 +34,10 @@ def _json(versions: list[VersionInfo]) -> Response:
 def search_versions(
     registry: RegistryDep, access: AccessDep,
     kind: Kind | None = None,
-    family: Annotated[str | None, Query(max_length=32)] = None,
-    tag: Annotated[str | None, Query(max_length=100)] = None,
-    text: Annotated[str | None, Query(max_length=200, description="substring of name, source or metadata")] = None,
+    family: Annotated[str | None, Query(max_length=32, pattern=NAME_PATTERN)] = None,
+    tag: Annotated[str | None, Query(max_length=100, pattern=LABEL_PATTERN)] = None,
+    text: Annotated[str | None, Query(max_length=200, pattern=TEXT_PATTERN, description="substring of name, "
+                                      "source or metadata (no control characters)")] = None,
     namespace: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     all_versions: Annotated[bool, Query(description="every version, not only the newest of each artifact")] = False,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
@@ -58,23 +61,34 @@ def get_version(namespace: ReadNamespace, name: NamePath, version: VersionPath, 
     return registry.get(version_ref(namespace, name, version))
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def _metadata(text: str | None) -> dict[str, Any]:
-    if text is None:
-        return {}
-    try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise RegistryError(f"metadata is not valid JSON ({e}). Fix: send a JSON object, e.g. {{\"author\": \"me\"}}.") from None
-    if not isinstance(doc, dict):
-        raise RegistryError("metadata must be a JSON object, e.g. {\"author\": \"me\"}.")
-    return doc
+    """The ``metadata`` query value, checked against the limits before anything is received or stored."""
+    return {} if text is None else parse_json(text, "metadata")
+
+
+METADATA_HELP = f"a JSON object: {JSON_LIMITS} (else 422, nothing stored)"
+TAG_HELP = "a tag: a letter, then letters, digits, '.', '_' or '-' (at most 100); repeat for several"
+SOURCE_HELP = "where it came from (recorded; printable text, no control characters)"
 
 
 def _derivation(text: str | None, access) -> Derivation | None:
+    """The ``lineage`` query value: parsed here (any depth refused cleanly), then validated as a Derivation (its
+    recipe within the metadata limits)."""
     if text is None:
         return None
     try:
-        derivation = Derivation.model_validate_json(text)
+        doc = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise MetadataError("lineage nests too deep. Fix: send Derivation(...).model_dump_json(), whose recipe "
+                            "is a recipe's JSON.") from None
+    except ValueError as e:
+        raise RegistryError(f"lineage is not valid JSON ({e}). Fix: send Derivation(...).model_dump_json().") from None
+    try:
+        derivation = Derivation.model_validate(doc)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'lineage'}: {err['msg']}" for err in e.errors())
         raise RegistryError(f"lineage is not a valid Derivation ({problems}). Fix: send "
@@ -117,9 +131,9 @@ async def upload_version(
     filename: Annotated[str, Query(pattern=FILENAME_PATTERN, description="the file's name in the version (the server "
                                                                         "stores safetensors files)")] = "model.safetensors",
     kind: Kind | None = None,
-    tag: Annotated[list[str], Query(max_length=100)] = [],
-    metadata: Annotated[str | None, Query(max_length=65536, description="a JSON object")] = None,
-    source: Annotated[str | None, Query(max_length=2048, description="where the file came from (recorded)")] = None,
+    tag: Annotated[list[str], Query(max_length=100, description=TAG_HELP)] = [],
+    metadata: Annotated[str | None, Query(max_length=65536, description=METADATA_HELP)] = None,
+    source: Annotated[str | None, Query(max_length=2048, pattern=TEXT_PATTERN, description=SOURCE_HELP)] = None,
     lineage: Annotated[str | None, Query(max_length=8192, description="how it was produced: a Derivation as JSON, "
                                                                        "recorded with the version")] = None,
     strict: Annotated[bool, Query(description="refuse keys that map to no module of the family")] = True,
@@ -151,15 +165,16 @@ async def upload_version(
         return await register_received(
             registry, response, path, shown=filename, check=_check_before_storing, name=f"{namespace}/{name}",
             digest=digest, trusted=True, kind=kind, tags=tags, metadata=meta, lineage=derivation, strict=strict,
-            exist_ok=exist_ok, recorded_source=source or f"upload:{filename}")
+            exist_ok=exist_ok, recorded_source=source or f"upload:{filename}", namespaces=access.readable())
 
 
 async def register_received(registry, response: Response, path, *, shown: str, check, name: str, digest: str,
                             trusted: bool, kind, tags, metadata, lineage, strict: bool, exist_ok: bool,
-                            recorded_source: str) -> VersionInfo:
+                            recorded_source: str, namespaces: set[str] | None) -> VersionInfo:
     """Register an upload the server has received and hash-checked at ``path`` (a file or folder), on the bulk
     threads: an identical earlier upload is answered as it is; ``check`` refuses bad content before anything is
-    stored; errors name ``shown`` (what the client sent), not the server's temp path."""
+    stored; errors name ``shown`` (what the client sent), not the server's temp path. ``namespaces``: those the
+    caller may read (lineage inputs given by tensor hash link only there)."""
     try:
         existing = None if lineage else await transfer.run_bulk(_holding, registry, name, digest)
         if existing is not None:  # the same content again (a retry, or many clients): the same outcome, cheaper
@@ -169,7 +184,8 @@ async def register_received(registry, response: Response, path, *, shown: str, c
         await transfer.run_bulk(check, path, kind=kind, strict=strict)
         return await transfer.run_bulk(
             registry.add, path, name=name, kind=kind, tags=tags, metadata=metadata, sha256=digest,
-            sha256_trusted=trusted, strict=strict, lineage=lineage, exist_ok=False, recorded_source=recorded_source)
+            sha256_trusted=trusted, strict=strict, lineage=lineage, exist_ok=False, recorded_source=recorded_source,
+            namespaces=namespaces)
     except DuplicateVersionError as e:
         if not exist_ok:
             raise
