@@ -15,6 +15,7 @@ orders: a few fp32 ULPs apart); fp16, one fp16 rounding of LyCORIS's fp32 merge 
 """
 
 import copy
+import io
 
 import pytest
 import torch
@@ -89,6 +90,14 @@ def test_merge_matches_lycoris_merge_to(tiny, base_unet, tmp_path, case):
     changed = [k for k, v in base_unet.state_dict().items() if not torch.equal(v, ref[k])]
     assert len(changed) > 50 and (case != "full" or any(k.endswith(".bias") for k in changed))
     assert inspect_path(tmp_path / "lyco.safetensors").algebras == [algebra]
+    if algebra != "lora":  # `weightlab inspect`'s table names the algebra next to the representation
+        from rich.console import Console
+
+        from weightlab.cli.inspect import inspect_table
+
+        console = Console(width=400, record=True, file=io.StringIO())
+        console.print(inspect_table([inspect_path(tmp_path / "lyco.safetensors")]))
+        assert f"lora ({algebra})" in console.export_text()
     # weightlab's own save keeps the algebra: the reloaded file gives the same ΔW.
     lyco = load(tmp_path / "lyco.safetensors")
     again = load(lyco.save(tmp_path / "again.safetensors"))

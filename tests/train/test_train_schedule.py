@@ -194,3 +194,15 @@ def test_validation_samples_with_the_generate_scheduler(lcm_loras, sd15_base, ti
     for scheduler in used:
         assert type(scheduler) is type(generate)
         assert {k: v for k, v in scheduler.config.items() if not k.startswith("_")} == public
+
+
+def test_outputs_record_the_base_family(tmp_path):
+    """A residual trained on an SD2-shaped base records sd2 (it said sd15 whatever the base). Loading still detects
+    by structure: an attention-only LoRA fits sd15 and sd2 alike, and the base's shapes decide at merge."""
+    from weightlab.testing import build_tiny_variant
+
+    base = build_tiny_variant("sd2", tmp_path)
+    style = train_style_lora(StyleLoRAConfig(base=base, output_dir=tmp_path / "style", max_steps=1, rank=2,
+                                             data=DataConfig(format="synthetic_images", resolution=16,
+                                                             synthetic_samples=2), **TINY)).outputs[0]
+    assert read_header(style).metadata["weightlab.family"] == "sd2"

@@ -17,8 +17,6 @@ def inspect_cmd(
 ) -> None:
     """Show family, kind, representation, ranks (and where a LoRA's alphas come from), dtypes, parameter count
     and hashes of weight files."""
-    from rich.table import Table
-
     from weightlab.inspect import inspect_path
 
     with fail_on_error():
@@ -42,7 +40,8 @@ def inspect_table(infos) -> "Table":  # noqa: F821
         table.add_column(col, overflow="fold")
     for i in infos:
         ranks = ", ".join(f"{r}" for r in i.ranks) + (f" ({', '.join(f'{a:g}' for a in i.alphas)})" if i.alphas else "")
-        table.add_row(Path(i.path).name, i.family, i.kind_guess, i.representation, ranks or "-", str(i.n_targets),
+        algebras = f" ({', '.join(i.algebras)})" if i.algebras and i.algebras != ["lora"] else ""
+        table.add_row(Path(i.path).name, i.family, i.kind_guess, i.representation + algebras, ranks or "-", str(i.n_targets),
                       ",".join(i.dtypes), f"{i.n_params:,}", i.file_sha256[:12], (i.tensor_hash or "-")[:12],
                       str(len(i.skipped)), "yes" if i.finite else "NO (NaN/Inf)")
     return table

@@ -178,8 +178,11 @@ def output_metadata(cfg, models: BaseModels, *, trainer: str, kind: str, represe
     """safetensors ``__metadata__`` of a trained residual: kind/family for ``weightlab.load``, the full config, and
     the noise schedule trained under (with the DDIM solver's N, k and σ_d for a consistency distillation), which
     the motion stage and the video sampler check (:mod:`weightlab.schedules`)."""
+    from weightlab.families import best_family
+
     distill = {k: getattr(cfg, k) for k in ("num_ddim_timesteps", "sigma_data", "timestep_scaling") if hasattr(cfg, k)}
-    return {"weightlab.kind": kind, "weightlab.family": "sd15", "weightlab.representation": representation,
+    family = best_family({k: p.dim() for k, p in models.unet.named_parameters()})[0].name  # the base's, not assumed
+    return {"weightlab.kind": kind, "weightlab.family": family, "weightlab.representation": representation,
             "weightlab.trainer": trainer, "weightlab.training_config": cfg.model_dump_json(),
             **schedule_metadata(models.schedule, **distill)}
 
