@@ -232,6 +232,13 @@ def lora_to_kohya(factors, alpha: float) -> dict:
     return sd
 
 
+def max_rel_error(ref: dict, ours: dict) -> float:
+    """Worst over keys of ``max|ref − ours| / max|ref|``, in float64: an error relative to each weight's scale."""
+    assert set(ref) == set(ours), f"different keys: {sorted(set(ref) ^ set(ours))[:5]}"
+    return max((ref[k].double() - ours[k].double()).abs().max().item() / max(ref[k].double().abs().max().item(), 1e-12)
+               for k in ref)
+
+
 def build_tiny_family(root: str | Path, seed: int = 0, *, force: bool = False) -> TinyFamily:
     """Write the whole tiny family under ``root`` (skipped if already built with the same seed).
 

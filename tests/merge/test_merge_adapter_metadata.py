@@ -20,6 +20,7 @@ import torch
 from weightlab import Recipe, Term
 from weightlab.errors import AdapterOptionError
 from weightlab.merge import build_unet, merge_to_file
+from weightlab.testing import max_rel_error
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2"]  # linear, 1x1 and 3x3 conv
 ONE_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -29,12 +30,6 @@ OPTIONS = {  # LoraConfig options beyond r=4, target_modules=TARGETS
     "rslora": dict(lora_alpha=6, use_rslora=True, rank_pattern={"to_v": 2}, alpha_pattern={"to_out.0": 1}),
     "dora": dict(lora_alpha=8, use_dora=True, rank_pattern={"conv2": 2}),
 }
-
-
-def _max_rel(ref: dict, ours: dict) -> float:
-    assert set(ref) == set(ours)
-    return max((ref[k].float() - ours[k].float()).abs().max().item() / max(ref[k].float().abs().max().item(), 1e-12)
-               for k in ref)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +65,7 @@ def test_peft_adapter_matches_merge_and_unload(tiny, base_unet, tmp_path, case, 
     ref = _peft_adapter(base_unet, tmp_path / "adapter", OPTIONS[case])
     source = tmp_path / "adapter" if given == "folder" else tmp_path / "adapter" / "adapter_model.safetensors"
     ours = build_unet(Recipe(base=str(tiny.base_dir), terms=[Term(source=str(source), kind="style")]))
-    assert _max_rel(ref, ours.state_dict()) <= 1e-6
+    assert max_rel_error(ref, ours.state_dict()) <= 1e-6
 
 
 def test_peft_weights_without_their_options_use_alpha_equal_rank(tiny, base_unet, tmp_path):
@@ -85,7 +80,7 @@ def test_peft_weights_without_their_options_use_alpha_equal_rank(tiny, base_unet
     # PEFT's reading of the same weights with alpha = r is the reference for the alpha = rank merge.
     ref = _peft_adapter(base_unet, tmp_path / "as_rank", dict(lora_alpha=4))
     ours = build_unet(Recipe(base=str(tiny.base_dir), terms=[Term(source=str(alone), kind="style")]))
-    assert _max_rel(ref, ours.state_dict()) <= 1e-6
+    assert max_rel_error(ref, ours.state_dict()) <= 1e-6
 
 
 def _diffusers_lora(base_unet, folder, options: dict, seed: int = 1):
@@ -112,7 +107,7 @@ def test_diffusers_metadata_matches_fuse_lora(tiny, base_unet, diffusers_pipe_fa
     ref = diffusers_pipe_factory([(path, scale)], motion=False).unet.state_dict()
     for source in (path, tmp_path):  # the file, and the folder save_lora_weights wrote
         ours = build_unet(Recipe(base=str(tiny.base_dir), terms=[Term(source=str(source), kind="style", scale=scale)]))
-        assert _max_rel(ref, ours.state_dict()) <= 1e-6
+        assert max_rel_error(ref, ours.state_dict()) <= 1e-6
 
 
 def test_contradicting_rank_writes_nothing(tiny, base_unet, tmp_path):
@@ -183,4 +178,4 @@ def test_lycoris_dora_matches_merge_to(tiny, base_unet, tmp_path, wd_on_output, 
     sd = load_file(tmp_path / "dora.safetensors")
     save_file({prefix + k.removeprefix("lycoris_"): v for k, v in sd.items()}, tmp_path / "keys.safetensors")
     ours = build_unet(Recipe(base=str(tiny.base_dir), terms=[Term(source=str(tmp_path / "keys.safetensors"), kind="style")]))
-    assert _max_rel(unet.state_dict(), ours.state_dict()) <= 1e-6
+    assert max_rel_error(unet.state_dict(), ours.state_dict()) <= 1e-6

@@ -24,6 +24,7 @@ from weightlab import Recipe, Term, load
 from weightlab.errors import AdapterOptionError, FileFormatError, ShapeMismatchError
 from weightlab.inspect import inspect_path
 from weightlab.merge import build_unet, merge_to_file
+from weightlab.testing import max_rel_error
 
 # name -> (create_lycoris keyword arguments, the algebra weightlab reads it as)
 CASES = {
@@ -69,12 +70,6 @@ def _merge_to(net) -> None:
     net.merge_to(1.0)
 
 
-def _max_rel(ref: dict, ours: dict) -> float:
-    assert set(ref) == set(ours)
-    return max((ref[k].double() - ours[k].double()).abs().max().item() / max(ref[k].double().abs().max().item(), 1e-12)
-               for k in ref)
-
-
 def _recipe(tiny, path, **kw) -> Recipe:
     return Recipe(base=str(tiny.base_dir), terms=[Term(source=str(path), kind="style")], **kw)
 
@@ -86,7 +81,7 @@ def test_merge_matches_lycoris_merge_to(tiny, base_unet, tmp_path, case):
     _merge_to(net)
     ref = unet.state_dict()
     ours = build_unet(_recipe(tiny, tmp_path / "lyco.safetensors")).state_dict()
-    assert _max_rel(ref, ours) <= 1e-6
+    assert max_rel_error(ref, ours) <= 1e-6
     changed = [k for k, v in base_unet.state_dict().items() if not torch.equal(v, ref[k])]
     assert len(changed) > 50 and (case != "full" or any(k.endswith(".bias") for k in changed))
     assert inspect_path(tmp_path / "lyco.safetensors").algebras == [algebra]

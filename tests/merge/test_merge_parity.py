@@ -14,15 +14,7 @@ from safetensors.torch import load_file
 
 from weightlab import Recipe, Term
 from weightlab.merge import build_unet
-
-
-def _max_rel(ref: dict, ours: dict) -> float:
-    assert set(ref) == set(ours)
-    worst = 0.0
-    for k in ref:
-        d = (ref[k].float() - ours[k].float()).abs().max().item()
-        worst = max(worst, d / max(ref[k].float().abs().max().item(), 1e-12))
-    return worst
+from weightlab.testing import max_rel_error
 
 
 @pytest.mark.parametrize("lora_attr", ["style_lora_peft", "style_lora_kohya"])
@@ -31,7 +23,7 @@ def test_single_lora_matches_diffusers_fuse(tiny, diffusers_pipe_factory, lora_a
     ours = build_unet(Recipe(base=str(tiny.base_dir), terms=[Term(source=str(path), kind="style", scale=0.7)]))
     ref = diffusers_pipe_factory([(path, 0.7)], motion=False).unet
     assert type(ours).__name__ == "UNet2DConditionModel"
-    assert _max_rel(ref.state_dict(), ours.state_dict()) <= 1e-6
+    assert max_rel_error(ref.state_dict(), ours.state_dict()) <= 1e-6
 
 
 def test_two_loras_and_motion_match_diffusers(tiny, diffusers_pipe_factory):
@@ -41,7 +33,7 @@ def test_two_loras_and_motion_match_diffusers(tiny, diffusers_pipe_factory):
         Term(source=str(tiny.motion_dir), kind="motion", scale=1.0)])
     ours = build_unet(recipe)
     pipe = diffusers_pipe_factory([(tiny.style_lora_kohya, 0.8), (tiny.accel_lora, 1.0)])
-    assert _max_rel(pipe.unet.state_dict(), ours.state_dict()) <= 1e-6
+    assert max_rel_error(pipe.unet.state_dict(), ours.state_dict()) <= 1e-6
 
     # Same frames from an AnimateDiffPipeline built around our merged UNet (fixed seed, 2 steps).
     from diffusers import AnimateDiffPipeline
@@ -122,4 +114,4 @@ def test_motion_lora_matches_diffusers_fuse(tiny, diffusers_pipe_factory):
     ref, plain = pipe.unet.state_dict(), diffusers_pipe_factory().unet.state_dict()
     changed = [k for k in ref if not torch.equal(ref[k], plain[k])]
     assert changed and all(".motion_modules." in k for k in changed)  # diffusers did fuse the motion LoRA
-    assert _max_rel(ref, ours.state_dict()) <= 1e-6
+    assert max_rel_error(ref, ours.state_dict()) <= 1e-6

@@ -23,17 +23,12 @@ from weightlab.families import FAMILIES, infer_unet_config, unet_shapes_for
 from weightlab.formats.ldm import convert_ldm_unet, diffusers_to_ldm
 from weightlab.merge import build_unet, merge_to_file
 from weightlab.residuals import Base
-from weightlab.testing import LCM_LORA_TARGETS, TINY_VARIANTS, build_tiny_variant, lora_to_kohya, make_lora
+from weightlab.testing import (LCM_LORA_TARGETS, TINY_VARIANTS, build_tiny_variant, lora_to_kohya, make_lora,
+                               max_rel_error)
 
 # linear and conv targets; proj_in is linear in sd2/sdxl; add_embedding exists only in sdxl
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "ff.net.2",
            "add_embedding.linear_1"]
-
-
-def _max_rel(ref: dict, ours: dict) -> float:
-    assert set(ref) == set(ours)
-    return max((ref[k].float() - ours[k].float()).abs().max().item() / max(ref[k].float().abs().max().item(), 1e-12)
-               for k in ref)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +102,7 @@ def test_peft_lora_merges_like_merge_and_unload(variants, tmp_path, name):
         lora = weightlab.load(source)
         assert lora.family == TINY_VARIANTS[name][3], source
         ours = build_unet(Recipe(base=str(variants[name]), terms=[Term(source=str(source), kind="style")]))
-        assert _max_rel(ref, ours.state_dict()) <= 1e-6, source
+        assert max_rel_error(ref, ours.state_dict()) <= 1e-6, source
 
 
 def test_lcm_lora_sdxl_shaped_merges_exactly(variants, tmp_path, kohya_delta64):
