@@ -52,7 +52,7 @@ SECTION = "## Registry web API under load (`benchmarks/registry_load.py`)"
 def seed_catalog(db_url: str, home: Path, n: int) -> None:
     """``n`` versions over ``n // 20`` artifacts in 10 namespaces, through crud (no files: metadata only)."""
     from weightlab.registry import crud
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
     from weightlab.registry.db import transaction
     from weightlab.registry.schemas import FileInfo, VersionCreate
 
@@ -115,7 +115,7 @@ def probe(client, stop: threading.Event, latencies: dict[str, list[float]], rng:
 def client_process(ids: list[int], url: str, token: str, files: list, shared: tuple, prefix: str,
                    uploaded: list, go, timeout: float, down: Path, results) -> None:
     """Run the clients ``ids`` as threads of this process; put one record per client on ``results``."""
-    from weightlab.client import Client
+    from weightlab.registry.client import Client
 
     n = len(files)
 
@@ -156,7 +156,7 @@ def client_process(ids: list[int], url: str, token: str, files: list, shared: tu
 
 def run_round(args, ctx, url: str, token: str, work: Path, r: int, mode: str, template: Path) -> dict:
     """One round of ``mode``: fresh files, the clients in child processes, probes here; returns its figures."""
-    from weightlab.client import Client
+    from weightlab.registry.client import Client
 
     procs_n = 1 if mode.startswith("threads") else args.client_procs
     interval = 0.0 if mode.endswith("b2b") else args.probe_interval
@@ -290,9 +290,9 @@ def main() -> None:
 
     import httpx
 
-    from weightlab.client import Client
+    from weightlab.registry.client import Client
     from weightlab.registry import auth
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
     from weightlab.registry.db import transaction
     from weightlab.testing import build_tiny_family
 

@@ -1,6 +1,6 @@
 """Registry references and the pydantic models that cross the registry's boundary.
 
-These are the whole interface: :class:`weightlab.registry.api.Registry` takes and returns them, and an HTTP
+These are the whole interface: :class:`weightlab.registry.service.Registry` takes and returns them, and an HTTP
 client (or the web API) exchanges them as JSON.
 
 A reference is ``ns/name`` (the newest version), ``ns/name@N`` (version number N), ``ns/name@<hex>`` (8 or more

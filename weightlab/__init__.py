@@ -24,8 +24,8 @@ _LAZY = {
     "VideoPipeline": "weightlab.video", "generate": "weightlab.video",
     "OnnxVideoPipeline": "weightlab.onnx_runtime", "export_onnx": "weightlab.onnx_export",
     "reweight_onnx": "weightlab.onnx_export",
-    "Registry": "weightlab.registry.api",
-    "Client": "weightlab.client",
+    "Registry": "weightlab.registry.service",
+    "Client": "weightlab.registry.client",
 }
 
 __all__ = ["WeightlabError", "__version__", *_LAZY]

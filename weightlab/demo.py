@@ -62,7 +62,7 @@ REGISTERED = {"base_dir": ("base", "tiny/sd15-base"), "style_lora_kohya": ("styl
 
 def register_family(demo: Demo) -> None:
     """Register the residuals the recipe uses; re-running finds the same versions (content-addressed)."""
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
 
     with Registry(home=demo.home) as reg:
         for attr, (kind, name) in REGISTERED.items():
@@ -95,7 +95,7 @@ def merge_by_name(demo: Demo) -> None:
 def show_lineage(demo: Demo) -> None:
     """The merged version's lineage names its base and every term with its scale."""
     from weightlab.cli.registry import lineage_tree
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
 
     with Registry(home=demo.home) as reg:
         console.print(lineage_tree(reg.lineage("tiny/video-lcm")))

@@ -209,7 +209,7 @@ def resolve_source(source: str) -> Path:
         return p
     if re.fullmatch(r"[\w.-]+/[\w.-]+([@:][\w.-]+)?", source):
         try:
-            from weightlab.registry.api import Registry
+            from weightlab.registry.service import Registry
             from weightlab.registry.schemas import check_finite
         except ImportError as e:  # registry not installed/available
             raise RecipeError(f"{source!r} is not a file and the registry is unavailable: {e}") from None

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 import weightlab
 from weightlab.errors import (FamilyMismatchError, FileFormatError, NonFiniteError, NotFoundError, RecipeError,
                               ShapeMismatchError, UnmatchedKeysError, UnsafeFileError, WeightlabError)
-from weightlab.registry.api import DuplicateVersionError, Registry
+from weightlab.registry.service import DuplicateVersionError, Registry
 from weightlab.registry.auth import AuthenticationError, PermissionDeniedError
 from weightlab.registry.config import ServerSettings
 from weightlab.registry.jobs import JobSpecError, Worker

@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from weightlab.errors import NotFoundError
 from weightlab.registry import auth, crud
-from weightlab.registry.api import Registry
+from weightlab.registry.service import Registry
 from weightlab.registry.config import ServerSettings
 from weightlab.registry.db import transaction
 from weightlab.registry.schemas import Ref

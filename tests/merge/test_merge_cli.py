@@ -33,7 +33,7 @@ def test_merge_cli_flags_file_and_recipe_folder(tiny, tmp_path, monkeypatch):
     single = load_file(out)
     assert all(torch.equal(folder[k], single[k]) for k in single)
     assert "registered: me/video@1" in res.output
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
 
     with Registry() as reg:
         node = reg.lineage("me/video@1")

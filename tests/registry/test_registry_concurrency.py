@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from weightlab.errors import NotFoundError
-from weightlab.registry import Registry, api, store
+from weightlab.registry import Registry, service, store
 
 
 def _die(*args, **kwargs):
@@ -28,8 +28,8 @@ def _worker(url: str, home: str, jobs: list[tuple[str, str]], crash: str, ready,
     if crash == "during-blob-write":  # temp file written, not yet renamed into the store
         store.os.replace = _die
     elif crash == "before-commit":  # blob stored, version rows inserted, transaction still open
-        create = api.crud.create_version
-        api.crud.create_version = lambda session, **kw: (create(session, **kw), _die())
+        create = service.crud.create_version
+        service.crud.create_version = lambda session, **kw: (create(session, **kw), _die())
     elif crash == "after-commit":  # committed; the post-commit blob check never runs
         store.LocalBlobStore.exists = _die
     ready.release()

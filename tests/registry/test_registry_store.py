@@ -141,7 +141,7 @@ def test_gc_removes_checkouts_of_unregistered_content(sqlite_reg, tiny, monkeypa
     def fail(*args, **kwargs):
         raise RegistryError("commit failed")
 
-    monkeypatch.setattr("weightlab.registry.api.crud.create_version", fail)
+    monkeypatch.setattr("weightlab.registry.service.crud.create_version", fail)
     with pytest.raises(RegistryError, match="commit failed"):  # stored and inspected, never committed
         reg.add(tiny.accel_lora, name="me/lcm")
     assert len(list(wanted.parent.iterdir())) == 2
@@ -161,6 +161,6 @@ def test_add_restores_a_blob_collected_between_its_write_and_its_commit(sqlite_r
             reg.store.delete(f.sha256)  # what a gc with grace=0 would do at this moment
         return original(session, **kw)
 
-    monkeypatch.setattr("weightlab.registry.api.crud.create_version", create_after_gc)
+    monkeypatch.setattr("weightlab.registry.service.crud.create_version", create_after_gc)
     v = reg.add(tiny.style_lora_kohya, name="me/style")
     assert reg.store.exists(v.files[0].sha256) and reg.verify().ok

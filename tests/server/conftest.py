@@ -61,7 +61,7 @@ class Live:
             return auth.create_token(s, spec=spec).token
 
     def client(self, token: str | None = None, **kwargs):
-        from weightlab.client import Client
+        from weightlab.registry.client import Client
 
         return Client(self.url, token=token, progress=False, **kwargs)
 
@@ -87,7 +87,7 @@ def serve(home, tmp_path):
     """``serve(db_url, store=None, **settings)`` -> a :class:`Live` server (stopped after the test)."""
     import uvicorn
 
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
     from weightlab.registry.config import ServerSettings
     from weightlab.registry.server.app import create_app
 

@@ -20,7 +20,7 @@ def variant(src, dst, factor: float):
 
 
 def test_client_has_the_registry_interface():
-    from weightlab.client import Client
+    from weightlab.registry.client import Client
 
     for name, method in inspect.getmembers(Registry, inspect.isfunction):
         if name.startswith("_") or name in ("close",):

@@ -63,7 +63,7 @@ def test_initialization_strategy(tiny, tmp_path):
 
 
 def test_resume_is_bitwise_and_outputs_load_merge_and_register(tiny, tmp_path):
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
 
     common = dict(max_steps=3, batch_size=1, gradient_accumulation_steps=2, learning_rate=1e-3, num_ddim_timesteps=10,
                   lr_scheduler="linear", checkpoint_every=1, checkpoints_keep=1,

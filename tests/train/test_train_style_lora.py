@@ -26,7 +26,7 @@ def test_style_lora_cli_end_to_end(tiny, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from weightlab.cli import app
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
 
     write_synthetic(tmp_path / "images", 4, resolution=24)
     cfg = StyleLoRAConfig(

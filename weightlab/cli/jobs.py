@@ -39,7 +39,7 @@ def _report(job, as_json: bool) -> None:
 
 
 def _submit(remote: str, kind: str, params: dict[str, Any], wait: bool, as_json: bool) -> None:
-    from weightlab.client import Client
+    from weightlab.registry.client import Client
 
     with fail_on_error(), Client(remote) as client:
         job = client.submit_job(kind, params)
@@ -79,7 +79,7 @@ def export_cmd(source: Optional[str] = typer.Option(None, "--source", help="A re
 def show_cmd(job_id: int = typer.Argument(..., help="The job's id."), wait: bool = _WAIT, as_json: bool = _JSON,
              remote: str = _REMOTE) -> None:
     """A job's status, result or error."""
-    from weightlab.client import Client
+    from weightlab.registry.client import Client
 
     with fail_on_error(), Client(remote) as client:
         job = client.wait_job(job_id, timeout=float("inf")) if wait else client.job(job_id)
@@ -91,7 +91,7 @@ def ls_cmd(status: Optional[str] = typer.Option(None, "--status", help="queued |
            limit: int = typer.Option(100, "--limit", min=1, max=1000), as_json: bool = _JSON,
            remote: str = _REMOTE) -> None:
     """Jobs whose results go to namespaces you may read, newest first."""
-    from weightlab.client import Client
+    from weightlab.registry.client import Client
 
     with fail_on_error(), Client(remote) as client:
         found = client.jobs(status=status, limit=limit)

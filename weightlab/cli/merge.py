@@ -70,7 +70,7 @@ def merge_cmd(
 
 def register_output(recipe, out: Path, name: str):
     """Add a merge output to the registry with a ``merged_from`` edge naming the base and every term with its scale."""
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
     from weightlab.registry.schemas import Derivation
 
     with Registry() as reg:

@@ -34,10 +34,10 @@ LIMITS_HELP = ("Names (ns/name): letters, digits, '.', '_' or '-', at most 100 c
 def _registry(remote: Optional[str] = None):
     """The registry the commands use: a server's (``--remote``/``$WEIGHTLAB_REMOTE``) or the local one."""
     if remote:
-        from weightlab.client import Client
+        from weightlab.registry.client import Client
 
         return Client(remote)
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
 
     return Registry()
 
@@ -78,7 +78,7 @@ def _summary(v) -> str:
 def _add(source: str, name: Optional[str], kind: Optional[str], tags: list[str], meta: list[str],
          metadata_json: Optional[str], sha256: Optional[str], revision: Optional[str], allow_pickle: bool,
          lenient: bool, as_json: bool, remote: Optional[str]) -> None:
-    from weightlab.registry.api import DuplicateVersionError
+    from weightlab.registry.service import DuplicateVersionError
 
     with fail_on_error():
         reg = _registry(remote)
@@ -343,7 +343,7 @@ def repair_cmd(
     from weightlab.registry.db import transaction
 
     with fail_on_error():
-        from weightlab.registry.api import Registry
+        from weightlab.registry.service import Registry
 
         with Registry() as reg, transaction(reg.engine, write=True) as s:
             found = crud.repair_stored_json(s, dry_run=dry_run)

@@ -29,7 +29,7 @@ def _export(**options) -> None:
 
 
 def _registry(db: Optional[str], store: Optional[str] = None):
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
 
     return Registry(db, store=store)
 

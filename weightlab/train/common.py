@@ -398,7 +398,7 @@ def register_output(cfg, path: Path, *, trainer: str, kind: str, inputs: list[tu
     """
     from weightlab.files import tensor_hash
     from weightlab.inspect import weights_file
-    from weightlab.registry.api import Registry
+    from weightlab.registry.service import Registry
     from weightlab.registry.schemas import Derivation, LineageInput
 
     reg_cfg = cfg.register_as

@@ -10,7 +10,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect
 
 from weightlab.errors import NotFoundError, RegistryError, WeightlabError
-from weightlab.registry.api import DuplicateVersionError
+from weightlab.registry.service import DuplicateVersionError
 from weightlab.registry.schemas import (JSON_LIMITS, Derivation, Kind, MetadataError, VersionInfo, check_label,
                                         parse_json)
 from weightlab.registry.server import transfer

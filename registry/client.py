@@ -33,7 +33,7 @@ import httpx
 from weightlab.errors import (FamilyMismatchError, FileFormatError, NonFiniteError, NotFoundError, RecipeError,
                               RegistryError, ShapeMismatchError, UnmatchedKeysError, UnsafeFileError)
 from weightlab.files import file_sha256
-from weightlab.registry.api import DuplicateVersionError
+from weightlab.registry.service import DuplicateVersionError
 from weightlab.registry.auth import AuthenticationError, PermissionDeniedError, Scope, TokenCreate, TokenCreated
 from weightlab.registry.checkouts import Checkouts
 from weightlab.registry.config import RegistrySettings
@@ -56,7 +56,7 @@ _ERRORS: dict[str, type[Exception]] = {cls.__name__: cls for cls in (
 
 
 class Client:
-    """A registry server, used like a local :class:`~weightlab.registry.api.Registry`.
+    """A registry server, used like a local :class:`~weightlab.registry.service.Registry`.
 
     Args:
         url (str): the server, e.g. ``http://127.0.0.1:8000``.
