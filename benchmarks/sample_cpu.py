@@ -95,10 +95,10 @@ def main() -> None:
     t0 = time.perf_counter()
     entry = export_unet(model, work / "unet")
     export_s = time.perf_counter() - t0
-    graph_mb, data_mb = entry["bytes"]["graph"] / 1e6, entry["bytes"]["data"] / 1e6
-    check = entry["verification"]
-    print(f"export: {export_s:.1f} s (trace+translate+save {entry['export_seconds']:.1f} s), graph {graph_mb:.1f} MB, "
-          f"data {data_mb:.1f} MB, verify max abs {check['max_abs_err']:.2e} rel {check['max_rel_err']:.2e}", flush=True)
+    graph_mb, data_mb = entry.bytes.graph / 1e6, entry.bytes.data / 1e6
+    check = entry.verification
+    print(f"export: {export_s:.1f} s (trace+translate+save {entry.export_seconds:.1f} s), graph {graph_mb:.1f} MB, "
+          f"data {data_mb:.1f} MB, verify max abs {check.max_abs_err:.2e} rel {check.max_rel_err:.2e}", flush=True)
     gc.collect()
 
     t0 = time.perf_counter()

@@ -173,12 +173,12 @@ def main() -> None:
         t0 = time.perf_counter()
         manifest = export_onnx(unet_dir, work / "onnx", dtype=dtype_name, pipeline_dir=pipe_dir, device=args.device,
                                opset=args.opset, progress=False)
-        unet_entry = manifest["models"]["unet"]
-        export_info = {"seconds": time.perf_counter() - t0, "unet_export_seconds": unet_entry["export_seconds"],
-                       "opset": manifest["opset"], "graph_mb": unet_entry["bytes"]["graph"] / 1e6,
-                       "data_mb": unet_entry["bytes"]["data"] / 1e6,
-                       "max_abs_err": unet_entry["verification"]["max_abs_err"],
-                       "max_rel_err": unet_entry["verification"]["max_rel_err"]}
+        unet_entry = manifest.models["unet"]
+        export_info = {"seconds": time.perf_counter() - t0, "unet_export_seconds": unet_entry.export_seconds,
+                       "opset": manifest.opset, "graph_mb": unet_entry.bytes.graph / 1e6,
+                       "data_mb": unet_entry.bytes.data / 1e6,
+                       "max_abs_err": unet_entry.verification.max_abs_err,
+                       "max_rel_err": unet_entry.verification.max_rel_err}
         print(f"export: {json.dumps(export_info)}", flush=True)
         onnx_pipe = OnnxVideoPipeline(work / "onnx", provider="cuda" if cuda_ep else "cpu")
         label = f"animatelcm-4step onnxruntime-{onnx_pipe.provider}"

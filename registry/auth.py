@@ -21,56 +21,16 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from weightlab.errors import NotFoundError, RegistryError
+from weightlab.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from weightlab.registry import crud
 from weightlab.registry.models import ApiToken
-from weightlab.registry.schemas import check_name
+from weightlab.registry.schemas import ALL, SCOPES, Scope, TokenCreate, TokenCreated, TokenPublic
 
-Scope = Literal["read", "write", "admin"]
-SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
-ALL = "*"
 TOKEN_PREFIX = "wl_"
-
-
-class AuthenticationError(RegistryError):
-    """No valid token where one is needed (HTTP 401)."""
-
-
-class PermissionDeniedError(RegistryError):
-    """The token does not grant what the request needs (HTTP 403)."""
-
-
-class TokenBase(BaseModel):
-    name: str = Field("token", min_length=1, max_length=100, description="a label: who or what uses it")
-    namespace: str = Field(description="the namespace it grants access to; * for every namespace")
-    scope: Scope
-
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, value: str) -> str:
-        return value if value == ALL else check_name(value)
-
-
-class TokenCreate(TokenBase):
-    name: str = Field("token", min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$",
-                      description="a label: who or what uses it (printable text, no control characters)")
-    expires_in_days: float | None = Field(None, gt=0, le=36500, description="none: never expires")
-
-
-class TokenPublic(TokenBase):
-    id: int
-    created_at: datetime
-    expires_at: datetime | None
-
-
-class TokenCreated(TokenPublic):
-    token: str = Field(description="the secret; shown only now. Send it as `Authorization: Bearer <token>`")
 
 
 @dataclass(frozen=True)
@@ -98,13 +58,9 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _utc(when: datetime | None) -> datetime | None:
-    return when if when is None or when.tzinfo else when.replace(tzinfo=timezone.utc)
-
-
 def _public(row: ApiToken) -> TokenPublic:
     return TokenPublic(id=row.id, name=row.name, namespace=row.namespace, scope=row.scope,
-                       created_at=_utc(row.created_at), expires_at=_utc(row.expires_at))
+                       created_at=row.created_at, expires_at=row.expires_at)
 
 
 def create_token(session: Session, *, spec: TokenCreate) -> TokenCreated:
@@ -118,11 +74,11 @@ def create_token(session: Session, *, spec: TokenCreate) -> TokenCreated:
     return TokenCreated(**_public(row).model_dump(), token=secret)
 
 
-def list_tokens(session: Session, *, namespace: str | None = None) -> list[TokenPublic]:
-    """Tokens (never their secrets), all or those of one namespace."""
+def list_tokens(session: Session, *, namespaces: set[str] | None = None) -> list[TokenPublic]:
+    """Tokens (never their secrets): those of ``namespaces``, or all (None)."""
     q = select(ApiToken).order_by(ApiToken.id)
-    if namespace is not None:
-        q = q.where(ApiToken.namespace == namespace)
+    if namespaces is not None:
+        q = q.where(ApiToken.namespace.in_(sorted(namespaces)))
     return [_public(row) for row in session.scalars(q)]
 
 
@@ -162,7 +118,7 @@ def authenticate(session: Session, *, token: str | None) -> Principal:
     if row is None:
         raise AuthenticationError("the token is not valid (unknown or revoked). Fix: ask an admin for a new one "
                                   "(`weightlab token create --namespace NS --scope read|write|admin`).")
-    expires = _utc(row.expires_at)
+    expires = row.expires_at
     if expires is not None and expires <= datetime.now(timezone.utc):
         raise AuthenticationError(f"token {row.id} ({row.name!r}) expired at {expires.isoformat()}. Fix: ask an admin "
                                   f"for a new one (`weightlab token create --namespace {row.namespace} --scope "

@@ -1,8 +1,10 @@
 """``weightlab.Client``: a registry server (``weightlab serve``) with the interface of :class:`weightlab.Registry`.
 
-Code written against ``Registry`` works against a ``Client``: the same methods, arguments, return values
+Code written against ``Registry`` works against a ``Client``: both keep
+:class:`~weightlab.registry.contract.RegistryProtocol`, with the same arguments, return values
 (:class:`~weightlab.registry.schemas.VersionInfo`, :class:`~weightlab.registry.schemas.LineageNode`, ...) and
-errors (the server's error type and message are raised again here). ``add`` prepares the file locally, exactly
+errors (the server's error is raised again here as the same class, with its message and fields). This module
+imports no database code (no SQLAlchemy). ``add`` prepares the file locally, exactly
 as ``Registry.add`` does (a pickle is converted with ``allow_pickle``, ``hf://`` sources come through the
 local Hugging Face cache), then streams it to the server (a folder as one tar stream), which validates and stores it.
 ``path`` and ``open`` download the version's files into a local content-addressed cache
@@ -30,32 +32,28 @@ from urllib.parse import quote
 
 import httpx
 
-from weightlab.errors import (FamilyMismatchError, FileFormatError, NonFiniteError, NotFoundError, RecipeError,
-                              RegistryError, ShapeMismatchError, UnmatchedKeysError, UnsafeFileError)
+from pydantic import ValidationError
+
+from weightlab.errors import HashMismatchError, RegistryError, fmt_validation_errors
 from weightlab.files import file_sha256
-from weightlab.registry.service import DuplicateVersionError
-from weightlab.registry.auth import AuthenticationError, PermissionDeniedError, Scope, TokenCreate, TokenCreated
+from weightlab.registry import folder_tar
 from weightlab.registry.checkouts import Checkouts
 from weightlab.registry.config import RegistrySettings
-from weightlab.registry import folder_tar
+from weightlab.registry.contract import RegistryProtocol
 from weightlab.registry.ingest import stage
-from weightlab.registry.jobs import JobCreate, JobPublic, JobSpecError
 from weightlab.registry.onnx_artifact import check_residual
-from weightlab.registry.schemas import (Derivation, FileInfo, GcReport, Kind, LineageNode, MetadataError, Ref,
-                                        VerifyReport, VersionInfo, manifest_digest)
-from weightlab.registry.store import HashMismatchError, LocalBlobStore
+from weightlab.registry.schemas import (Derivation, ErrorBody, FileInfo, GcReport, JobCreate, JobPublic, Kind,
+                                        LineageNode, NamespacePublic, Ref, Scope, TokenCreate, TokenCreated,
+                                        TokenPublic, VerifyReport, VersionInfo, manifest_digest)
+from weightlab.registry.store import LocalBlobStore
 
 TOKEN_ENV = "WEIGHTLAB_TOKEN"
 _CHUNK = 1024 * 1024
 _PAGE = 1000
 _RETRIES = 5
-_ERRORS: dict[str, type[Exception]] = {cls.__name__: cls for cls in (
-    NotFoundError, RegistryError, FileFormatError, UnsafeFileError, FamilyMismatchError, ShapeMismatchError,
-    NonFiniteError, RecipeError, HashMismatchError, AuthenticationError, PermissionDeniedError, JobSpecError,
-    MetadataError)}
 
 
-class Client:
+class Client(RegistryProtocol):
     """A registry server, used like a local :class:`~weightlab.registry.service.Registry`.
 
     Args:
@@ -121,9 +119,24 @@ class Client:
         Every file is hashed here (unless its sha256 is known), streamed (a folder as one tar stream), re-hashed by
         the server as it arrives and validated like a local ``add``; a refused upload stores nothing.
         """
+        return self._add(source, name=name, kind=kind, tags=tags, metadata=metadata, sha256=sha256, revision=revision,
+                         lineage=lineage, allow_pickle=allow_pickle, strict=strict, exist_ok=exist_ok)
+
+    def register_output(self, path: str | os.PathLike, *, name: str, kind: Kind, derivation: Derivation,
+                        tags: Iterable[str] = (), metadata: dict[str, Any] | None = None,
+                        source: str | None = None) -> VersionInfo:
+        """Upload what a merge, a training run or an export produced, with its lineage (see
+        :meth:`Registry.register_output`)."""
+        return self._add(path, name=name, kind=kind, tags=tags, metadata=metadata, lineage=derivation,
+                         recorded_source=source)
+
+    def _add(self, source: str | os.PathLike, *, name: str | None = None, kind: Kind | None = None,
+             tags: Iterable[str] = (), metadata: dict[str, Any] | None = None, sha256: str | None = None,
+             revision: str | None = None, lineage: Derivation | None = None, allow_pickle: bool = False,
+             strict: bool = True, exist_ok: bool = True, recorded_source: str | None = None) -> VersionInfo:
         with stage(source, revision=revision, allow_pickle=allow_pickle) as staged:
             ref = Ref.parse_name(name or staged.default_name)
-            params: dict[str, Any] = {"tag": list(tags), "source": staged.source, "strict": strict,
+            params: dict[str, Any] = {"tag": list(tags), "source": recorded_source or staged.source, "strict": strict,
                                       "exist_ok": exist_ok}
             if kind is not None:
                 params["kind"] = kind
@@ -312,36 +325,24 @@ class Client:
         r = self._request("POST", "/maintenance/gc", params={"grace": grace, "dry_run": dry_run}, timeout=None)
         return GcReport.model_validate_json(r.content)
 
-    # -- the server's own resources -------------------------------------------------------------------------
+    # -- jobs ---------------------------------------------------------------------------------------------
 
     def submit_job(self, kind: str, params: dict[str, Any]) -> JobPublic:
-        """Queue a job, e.g. ``submit_job("merge", {"recipe": recipe.model_dump(), "output": "team/anim"})`` or
-        ``submit_job("export", {"source": "team/anim@1", "output": "team/anim-onnx", "dtype": "float16"})``."""
+        """Queue a job on the server (see :meth:`Registry.submit_job`); needs write on its output's namespace."""
         r = self._request("POST", "/jobs", content=JobCreate(kind=kind, params=params).model_dump_json(),
                           headers={"content-type": "application/json"})
         return JobPublic.model_validate_json(r.content)
 
     def job(self, job_id: int) -> JobPublic:
+        """The job ``job_id``, if its result goes to a namespace the token may read."""
         return JobPublic.model_validate_json(self._request("GET", f"/jobs/{job_id}").content)
 
-    def jobs(self, *, status: str | None = None, limit: int = 100) -> list[JobPublic]:
+    def jobs(self, *, status: str | None = None, limit: int = 100, offset: int = 0) -> list[JobPublic]:
         """Jobs whose results go to namespaces the token may read, newest first."""
-        params: dict[str, Any] = {"limit": limit} | ({"status": status} if status else {})
+        params: dict[str, Any] = {"limit": limit, "offset": offset} | ({"status": status} if status else {})
         return [JobPublic.model_validate(j) for j in self._request("GET", "/jobs", params=params).json()]
 
-    def wait_job(self, job_id: int, *, timeout: float = 600.0, poll: float = 0.5) -> JobPublic:
-        """Poll until the job succeeded or failed.
-
-        Raises:
-            RegistryError: still not done after ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while not (job := self.job(job_id)).done:
-            if time.monotonic() > deadline:
-                raise RegistryError(f"job {job_id} is still {job.status} after {timeout:g} s. Fix: poll it later "
-                                    "(`Client.job(id)`), or check that the server runs job workers.")
-            time.sleep(poll)
-        return job
+    # -- tokens and namespaces ------------------------------------------------------------------------------
 
     def create_token(self, *, namespace: str, scope: Scope, name: str = "token",
                      expires_in_days: float | None = None) -> TokenCreated:
@@ -350,9 +351,22 @@ class Client:
         r = self._request("POST", "/tokens", content=spec.model_dump_json(), headers={"content-type": "application/json"})
         return TokenCreated.model_validate_json(r.content)
 
-    def set_public(self, namespace: str, public: bool = True) -> None:
+    def tokens(self) -> list[TokenPublic]:
+        """The tokens of the namespace this client's token administers (every token with admin on ``*``)."""
+        return [TokenPublic.model_validate(t) for t in self._request("GET", "/tokens").json()]
+
+    def revoke_token(self, token_id: int) -> None:
+        """Revoke a token of a namespace this client's token administers (or this client's own token)."""
+        self._request("DELETE", f"/tokens/{token_id}")
+
+    def namespaces(self) -> list[NamespacePublic]:
+        """The namespaces the token may read, and whether anyone may read them without a token."""
+        return [NamespacePublic.model_validate(n) for n in self._request("GET", "/namespaces").json()]
+
+    def set_public(self, namespace: str, public: bool = True) -> NamespacePublic:
         """Let anyone read ``namespace`` without a token (or stop it, with ``public=False``)."""
-        self._request("PUT", f"/namespaces/{_segment(namespace)}", json={"public": public})
+        r = self._request("PUT", f"/namespaces/{_segment(namespace)}", json={"public": public})
+        return NamespacePublic.model_validate_json(r.content)
 
 
 def _segment(text: str) -> str:
@@ -385,19 +399,17 @@ def _read_chunks(path: Path, bar) -> Iterator[bytes]:
 
 
 def _raise(r: httpx.Response):
-    """Raise the error the server reported, as the same WeightlabError type (RegistryError if unknown)."""
+    """Raise the error the server reported, as the same WeightlabError class with its fields (RegistryError if the
+    body is not an :class:`ErrorBody`: a request the web framework refused, or not a weightlab server)."""
     try:
-        body = r.json()
-    except ValueError:
-        body = {}
-    detail = body.get("detail") if isinstance(body, dict) else None
+        raise ErrorBody.model_validate_json(r.content).exception() from None
+    except ValidationError:
+        pass
+    try:
+        detail = r.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
     if isinstance(detail, list):  # request validation (422): [{"loc": [...], "msg": ...}, ...]
-        detail = "invalid request: " + "; ".join(
-            f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail if isinstance(d, dict))
-    message = detail or f"HTTP {r.status_code} from {r.request.method} {r.request.url} ({r.text[:200]!r})"
-    error = body.get("error") if isinstance(body, dict) else None
-    if error == "DuplicateVersionError":
-        raise DuplicateVersionError(message, VersionInfo.model_validate(body["version"]))
-    if error == "UnmatchedKeysError":
-        raise UnmatchedKeysError(message, [])
-    raise _ERRORS.get(error, RegistryError)(message)
+        raise RegistryError("invalid request: " + fmt_validation_errors(detail, "request")) from None
+    raise RegistryError(detail if isinstance(detail, str) and detail else
+                        f"HTTP {r.status_code} from {r.request.method} {r.request.url} ({r.text[:200]!r})") from None

@@ -9,28 +9,28 @@ from __future__ import annotations
 
 import difflib
 from collections import defaultdict
-from datetime import datetime, timezone
 from typing import Collection, TypeVar
 
 from sqlalchemy import Select, String, and_, cast, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from weightlab.errors import NotFoundError, RegistryError
+from weightlab.errors import MetadataError, NotFoundError, RegistryError
 from weightlab.registry.db import UnreadableJSON
 from weightlab.registry.models import (Alias, Artifact, Derivation, DerivationInput, Job, Namespace, Version,
                                        VersionFile, VersionTag)
 from weightlab.registry.schemas import (INVALID_JSON_KEY, LATEST, Derivation as DerivationSpec, FileInfo,
-                                        LineageEdge, LineageNode, MetadataError, Ref, VersionCreate, VersionInfo,
+                                        LineageEdge, LineageNode, Ref, VersionBase, VersionCreate, VersionInfo,
                                         check_json, check_label, stored_json)
 
 M = TypeVar("M", Namespace, Artifact)
+# Every field of VersionBase but `files` and `tags` (rows of their own tables) is a column of `versions` of the same
+# name; `metadata` is the ORM attribute `meta` (declarative classes reserve `metadata`).
+_ATTR = {"metadata": "meta"}
+_STORED = [f for f in VersionBase.model_fields if f not in ("files", "tags")] + ["number", "created_at"]
 # The columns of a VersionInfo, labelled by its field names (lists of versions are read as rows, not ORM objects).
-_INFO_COLUMNS = (Version.id, Namespace.name.label("namespace"), Artifact.name.label("name"), Version.number,
-                 Version.sha256, Version.tensor_hash, Version.size_bytes, Version.format, Version.family, Version.kind,
-                 Version.representation, Version.ranks, Version.alphas, Version.dtypes, Version.n_params,
-                 Version.n_targets, Version.config, Version.meta.label("metadata"), Version.source, Version.created_at,
-                 Version.finite)
+_INFO_COLUMNS = (Version.id, Namespace.name.label("namespace"), Artifact.name.label("name"),
+                 *(getattr(Version, _ATTR.get(f, f)).label(f) for f in _STORED))
 _ID_BATCH = 500  # version ids per `IN (...)` when reading the files and labels of many versions
 
 
@@ -40,24 +40,13 @@ def version_ref(version: Version) -> str:
 
 def version_info(version: Version) -> VersionInfo:
     """The public view of a version row."""
-    created = version.created_at
-    return VersionInfo(
-        ref=version_ref(version), namespace=version.artifact.namespace.name, name=version.artifact.name,
-        number=version.number, sha256=version.sha256, tensor_hash=version.tensor_hash, size_bytes=version.size_bytes,
-        format=version.format, family=version.family, kind=version.kind, representation=version.representation,
-        ranks=version.ranks, alphas=version.alphas, dtypes=version.dtypes, n_params=version.n_params,
-        n_targets=version.n_targets, config=stored_json(version.config, "config"),
-        metadata=stored_json(version.meta, "metadata"), source=version.source,
-        files=[FileInfo(path=f.path, sha256=f.sha256, size_bytes=f.size_bytes, tensor_hash=f.tensor_hash)
-               for f in version.files],
-        tags=[t.name for t in version.tags], aliases=[a.name for a in version.aliases], created_at=_utc(created),
-        finite=version.finite,
-    )
-
-
-def _utc(moment: datetime) -> datetime:
-    """SQLite returns naive datetimes; they were stored in UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return VersionInfo.model_validate({
+        **{f: getattr(version, _ATTR.get(f, f)) for f in _STORED}, "ref": version_ref(version),
+        "namespace": version.artifact.namespace.name, "name": version.artifact.name,
+        "files": [FileInfo(path=f.path, sha256=f.sha256, size_bytes=f.size_bytes, tensor_hash=f.tensor_hash)
+                  for f in version.files],
+        "tags": [t.name for t in version.tags], "aliases": [a.name for a in version.aliases],
+        "metadata": stored_json(version.meta, "metadata"), "config": stored_json(version.config, "config")})
 
 
 def _versions_query() -> Select:
@@ -90,7 +79,7 @@ def _version_infos(session: Session, query: Select) -> list[VersionInfo]:
             aliases[version_id].append(name)
     return [VersionInfo.model_validate({
         **row._mapping, "ref": f"{row.namespace}/{row.name}@{row.number}", "files": files[row.id],
-        "tags": tags[row.id], "aliases": aliases[row.id], "created_at": _utc(row.created_at),
+        "tags": tags[row.id], "aliases": aliases[row.id],
         "metadata": stored_json(row.metadata, "metadata"), "config": stored_json(row.config, "config")})
         for row in rows]
 
@@ -181,11 +170,8 @@ def create_version(session: Session, *, namespace: str, name: str, new: VersionC
         return existing, False
     last = session.scalar(select(func.max(Version.number)).where(Version.artifact_id == artifact.id))
     version = Version(
-        artifact=artifact, number=(last or 0) + 1, sha256=new.sha256, tensor_hash=new.tensor_hash,
-        size_bytes=new.size_bytes, format=new.format, family=new.family, kind=new.kind,
-        representation=new.representation, ranks=new.ranks, alphas=new.alphas, dtypes=new.dtypes,
-        n_params=new.n_params, n_targets=new.n_targets, config=new.config, meta=new.metadata, source=new.source,
-        finite=new.finite,
+        artifact=artifact, number=(last or 0) + 1,
+        **{_ATTR.get(f, f): getattr(new, f) for f in VersionBase.model_fields if f not in ("files", "tags")},
         files=[VersionFile(path=f.path, sha256=f.sha256, size_bytes=f.size_bytes, tensor_hash=f.tensor_hash)
                for f in new.files],
         tags=[VersionTag(name=t) for t in new.tags],

@@ -26,9 +26,9 @@ from typing import AsyncIterator, Iterable, Iterator
 
 import anyio
 
-from weightlab.errors import RegistryError
+from weightlab.errors import FolderUploadError, HashMismatchError, RegistryError
+from weightlab.files import SHA256
 from weightlab.registry.schemas import FileInfo
-from weightlab.registry.store import HashMismatchError
 
 SHA256_RECORD = "WEIGHTLAB.sha256"
 MAX_FILES = 10_000
@@ -36,12 +36,7 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_PATH = 1024
 CHUNK = 4 * 1024 * 1024
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _FIX = "Fix: upload with weightlab.Client.add(folder), which writes the tar stream this route expects."
-
-
-class FolderUploadError(RegistryError):
-    """A folder upload's tar stream breaks a rule (HTTP 400)."""
 
 
 class _Body(io.RawIOBase):
@@ -138,7 +133,7 @@ def extract(chunks: AsyncIterator[bytes], dest: Path, *, max_bytes: int, too_lar
                     break
                 path = _check_member(member, seen)
                 declared = member.pax_headers.get(SHA256_RECORD, "")
-                if not _HEX64.fullmatch(declared):
+                if not SHA256.fullmatch(declared):
                     raise FolderUploadError(f"member {path!r} declares no sha256 (a {SHA256_RECORD} PAX record of 64 "
                                             f"lowercase hex digits). {_FIX}")
                 if len(files) == MAX_FILES:

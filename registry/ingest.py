@@ -19,10 +19,10 @@ from typing import Iterator
 
 from weightlab.errors import FileFormatError, NotFoundError, RegistryError, UnsafeFileError
 from weightlab.files import PICKLE_SUFFIXES, load_tensors, read_header, save_tensors, sniff
+from weightlab.files import SHA256
 
 HF_SCHEME = "hf://"
 _HF_URI = re.compile(r"^hf://(?P<repo>[^/@\s]+/[^/@\s]+)(?:/(?P<path>[^@\s]+?))?/?(?:@(?P<rev>[^@\s]+))?$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _hub_blob_sha256(path: Path) -> str | None:
     if not path.is_symlink():
         return None
     target = path.resolve()
-    return target.name if target.parent.name == "blobs" and _SHA256.fullmatch(target.name) else None
+    return target.name if target.parent.name == "blobs" and SHA256.fullmatch(target.name) else None
 
 
 def _hub_fetch(ref: HubRef) -> Path:

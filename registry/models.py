@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String,
-                        Text, UniqueConstraint, false)
+                        Text, TypeDecorator, UniqueConstraint, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAME_LEN = 100
@@ -35,6 +35,16 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class UTCDateTime(TypeDecorator):
+    """A moment in UTC, read back timezone-aware on every database (SQLite returns naive datetimes)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return value if value is None or value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dict[str, Any]: JSON, list[int]: JSON, list[float]: JSON, list[str]: JSON}
@@ -46,7 +56,7 @@ class Namespace(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
     public: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # anonymous reads (web API)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="namespace")
 
@@ -58,7 +68,7 @@ class Artifact(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     namespace_id: Mapped[int] = mapped_column(ForeignKey("namespaces.id"))
     name: Mapped[str] = mapped_column(String(NAME_LEN))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     namespace: Mapped[Namespace] = relationship(back_populates="artifacts")
     versions: Mapped[list[Version]] = relationship(back_populates="artifact", order_by="Version.number")
@@ -93,7 +103,7 @@ class Version(Base):
     config: Mapped[dict[str, Any] | None]
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
     source: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finite: Mapped[bool | None] = mapped_column(Boolean)  # every tensor value finite; NULL: not checked
 
     artifact: Mapped[Artifact] = relationship(back_populates="versions")
@@ -130,7 +140,7 @@ class Alias(Base):
     artifact_id: Mapped[int] = mapped_column(ForeignKey("artifacts.id"), primary_key=True)
     name: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     artifact: Mapped[Artifact] = relationship(back_populates="aliases")
     version: Mapped[Version] = relationship(back_populates="aliases")
@@ -145,7 +155,7 @@ class Derivation(Base):
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), unique=True)
     relation: Mapped[str] = mapped_column(String(32))
     recipe: Mapped[dict[str, Any] | None]
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # The namespaces the web API caller who recorded it could read; NULL: every one (the local Registry, a `*`
     # token). An input known only by its tensor hash links only to versions there, now and when read later.
     linkable_namespaces: Mapped[list[str] | None]
@@ -181,8 +191,8 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(HASH_LEN), unique=True)
     namespace: Mapped[str] = mapped_column(String(NAME_LEN), index=True)
     scope: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Job(Base):
@@ -201,7 +211,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     result_ref: Mapped[str | None] = mapped_column(String(2 * NAME_LEN + 20))
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -13,17 +13,15 @@ Example:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from weightlab.errors import FileFormatError, RegistryError, WeightlabError
 from weightlab.files import file_sha256
+from weightlab.onnx_manifest import MANIFEST, Graph, OnnxManifest
 from weightlab.registry.checkouts import check_relpath
 
-MANIFEST = "manifest.json"  # as weightlab.onnx_runtime.MANIFEST (not imported: it pulls in torch)
-FORMAT, FORMAT_VERSION = "weightlab.onnx", 1
 _FIX = "Fix: register the folder `weightlab export onnx` wrote, unchanged (re-export it if it was edited)."
 
 
@@ -54,23 +52,19 @@ def _bad(folder: Path, problem: str) -> FileFormatError:
     return FileFormatError(f"{folder.name or folder}: not a valid weightlab ONNX export: {problem}. {_FIX}")
 
 
-def _manifest(folder: Path) -> dict:
+def _manifest(folder: Path) -> OnnxManifest:
+    """The folder's manifest (named by the folder's own name: a server's staging path is nobody's business)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise _bad(folder, f"{MANIFEST} is not readable JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise _bad(folder, f"{MANIFEST} is not a {FORMAT} version {FORMAT_VERSION} manifest")
-    models = manifest.get("models")
-    if not isinstance(models, dict) or not isinstance(models.get("unet"), dict):
-        raise _bad(folder, f"{MANIFEST} lists no `unet` graph under `models`")
-    return manifest
+        text = (folder / MANIFEST).read_bytes()
+    except OSError as e:
+        raise _bad(folder, f"{MANIFEST} is not readable ({e.strerror})") from None
+    return OnnxManifest.parse(text, where=f"{folder.name}/{MANIFEST}")
 
 
-def _file(folder: Path, entry: dict, key: str, graph: str) -> Path:
-    rel = entry.get(key)
+def _file(folder: Path, entry: Graph, key: str, graph: str) -> Path:
+    rel = getattr(entry, key)
     try:
-        path = folder / check_relpath(rel if isinstance(rel, str) else "")
+        path = folder / check_relpath(rel)
     except WeightlabError:
         raise _bad(folder, f"graph {graph!r}: `{key}` {rel!r} is not a relative path inside the folder") from None
     if not path.is_file():
@@ -135,21 +129,19 @@ def describe_onnx(folder: Path) -> OnnxSummary:
 
     manifest = _manifest(folder)
     dtypes, n_params, graphs, unet_keys = set(), 0, {}, {}
-    for name, entry in manifest["models"].items():
-        if not isinstance(entry, dict):
-            raise _bad(folder, f"`models.{name}` is not an object")
+    for name, entry in manifest.models.items():
         graph, data = _file(folder, entry, "graph", name), _file(folder, entry, "data", name)
         if data.parent != graph.parent:
             raise _bad(folder, f"graph {name!r}: its external data must sit next to it")
-        if file_sha256(graph) != entry.get("graph_sha256"):
-            raise _bad(folder, f"graph {name!r}: {entry['graph']} does not have the sha256 the manifest records")
+        if file_sha256(graph) != entry.graph_sha256:
+            raise _bad(folder, f"graph {name!r}: {entry.graph} does not have the sha256 the manifest records")
         try:
             proto = onnx.load(str(graph), load_external_data=False)
         except (DecodeError, OSError, ValueError) as e:
-            raise _bad(folder, f"graph {name!r}: {entry['graph']} is not an ONNX model ({type(e).__name__})") from None
+            raise _bad(folder, f"graph {name!r}: {entry.graph} is not an ONNX model ({type(e).__name__})") from None
         _check_external_data(folder, name, proto, data)
         _check_graph(folder, name, proto)
-        constants = set(entry.get("constants") or [])
+        constants = set(entry.constants)
         for init in proto.graph.initializer:
             dtypes.add(tensor_dtype_to_np_dtype(init.data_type).name)
             count = 1
@@ -158,8 +150,8 @@ def describe_onnx(folder: Path) -> OnnxSummary:
             n_params += count
             if name == "unet" and init.name not in constants:
                 unet_keys[init.name] = len(init.dims)
-        graphs[name] = {"inputs": entry.get("inputs"), "outputs": entry.get("outputs")}
+        graphs[name] = {"inputs": entry.inputs, "outputs": entry.outputs}
     family = detect_family(unet_keys, what=f"{folder.name}: the ONNX UNet").name
-    config = {"dtype": manifest.get("dtype"), "opset": manifest.get("opset"), "pipeline": manifest.get("pipeline"),
+    config = {"dtype": manifest.dtype, "opset": manifest.opset, "pipeline": manifest.pipeline.model_dump(mode="json"),
               "graphs": graphs}
     return OnnxSummary(family=family, dtypes=sorted(dtypes), n_params=n_params, n_graphs=len(graphs), config=config)

@@ -24,9 +24,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from weightlab.errors import NotFoundError, RegistryError
-from weightlab.registry.store import (_CHUNK, _HEX64, BlobStat, BlobStore, HashMismatchError, check_digest, inside,
-                                      sweep_folder)
+from weightlab.errors import HashMismatchError, NotFoundError, RegistryError
+from weightlab.files import SHA256
+from weightlab.registry.store import _CHUNK, BlobStat, BlobStore, check_digest, inside, sweep_folder
 
 
 class S3BlobStore(BlobStore):
@@ -151,7 +151,7 @@ class S3BlobStore(BlobStore):
         for page in pages:
             for obj in page.get("Contents", []):
                 digest = "".join(obj["Key"].rsplit("/", 2)[-2:])
-                if _HEX64.fullmatch(digest):
+                if SHA256.fullmatch(digest):
                     yield BlobStat(digest, obj["Size"], obj["LastModified"].timestamp())
 
     def sweep_temp(self, *, older_than):

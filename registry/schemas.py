@@ -1,7 +1,7 @@
-"""Registry references and the pydantic models that cross the registry's boundary.
+"""Registry references and the pydantic models that cross the registry's boundary (pure pydantic: no database).
 
-These are the whole interface: :class:`weightlab.registry.service.Registry` takes and returns them, and an HTTP
-client (or the web API) exchanges them as JSON.
+These are the whole interface: :class:`weightlab.registry.service.Registry` takes and returns them, the web API
+and :class:`weightlab.Client` exchange them as JSON, and errors cross as :class:`ErrorBody`.
 
 A reference is ``ns/name`` (the newest version), ``ns/name@N`` (version number N), ``ns/name@<hex>`` (8 or more
 hex digits: a prefix of the version's sha256 or tensor hash; up to 7 plain digits read as a number) or
@@ -17,14 +17,15 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from weightlab.errors import NonFiniteError, RegistryError
-
-KINDS = ("base", "style", "image_accel", "motion", "motion_lora", "onnx")
-Kind = Literal["base", "style", "image_accel", "motion", "motion_lora", "onnx"]  # onnx: an export folder, not a residual
+from weightlab import errors
+from weightlab.errors import MetadataError, NonFiniteError, RegistryError, WeightlabError
+from weightlab.files import SHA256
+from weightlab.kinds import ARTIFACT_KINDS as KINDS  # noqa: F401  (a residual's kind, or onnx: an export folder)
+from weightlab.kinds import ArtifactKind as Kind
 FOLDER_FORMATS = ("diffusers", "onnx")
 Relation = Literal["merged_from", "trained_from", "exported_from"]
 LATEST = "latest"
@@ -35,7 +36,6 @@ _LABEL = r"[A-Za-z][A-Za-z0-9._-]{0,99}"
 _REF = re.compile(rf"(?P<ns>{_NAME})/(?P<name>{_NAME})(?:@(?P<version>[0-9a-fA-F]{{1,64}})|:(?P<alias>{_LABEL}))?")
 _NAME_RE = re.compile(_NAME)
 _LABEL_RE = re.compile(_LABEL)
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 # Limits of every free-form JSON document the registry stores (version metadata and config, lineage recipes,
@@ -50,10 +50,6 @@ JSON_LIMITS = (f"a JSON object of at most {JSON_MAX_BYTES} bytes, {JSON_MAX_DEPT
                f"{JSON_MAX_ITEMS} members and elements in all; keys of at most {JSON_MAX_KEY} characters, strings of "
                f"at most {JSON_MAX_STRING}, no NUL characters; numbers finite, integers within 64 bits")
 INVALID_JSON_KEY = "weightlab.invalid"  # the placeholder key of a stored document that breaks the limits
-
-
-class MetadataError(RegistryError):
-    """Metadata (or another free-form JSON document) breaks the registry's limits (HTTP 422)."""
 
 
 def _check_text(text: str, limit: int, where: str) -> None:
@@ -259,8 +255,9 @@ def manifest_digest(files: list[FileInfo]) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-class VersionCreate(BaseModel):
-    """Everything stored about a new version (the ingest step fills it from the stored files)."""
+class VersionBase(BaseModel):
+    """What is recorded about a version when it is added. A new field here (with a default), a column of the same
+    name in ``models.Version`` and a migration are all it takes to store and serve it."""
 
     sha256: str = Field(description="the file's sha256; for a folder, manifest_digest(files)")
     tensor_hash: str = Field(description="identity: header-independent (metadata edits keep it)")
@@ -279,7 +276,13 @@ class VersionCreate(BaseModel):
     source: str | None = None
     files: list[FileInfo]
     tags: list[str] = []
-    finite: bool | None = None
+    finite: bool | None = Field(None, description="whether every tensor value is finite, checked when it was added "
+                                "(False: it holds NaN or Inf, and merges refuse it); None: not checked (an ONNX "
+                                "export, or added before weightlab recorded it)")
+
+
+class VersionCreate(VersionBase):
+    """Everything stored about a new version (the ingest step fills it from the stored files), checked."""
 
     @field_validator("tags")
     @classmethod
@@ -304,35 +307,20 @@ class VersionCreate(BaseModel):
         return source
 
 
-class VersionInfo(BaseModel):
-    """A registered version. Immutable except for its labels (``tags``, ``aliases``)."""
+class VersionKey(BaseModel):
+    """Which version a :class:`VersionInfo` is (its fields come first in its JSON)."""
 
     ref: str = Field(description="canonical reference, ns/name@N")
     namespace: str
     name: str
     number: int
-    sha256: str
-    tensor_hash: str
-    size_bytes: int
-    format: str
-    family: str
-    kind: Kind
-    representation: str
-    ranks: list[int]
-    alphas: list[float | None] = Field(description="LoRA alphas; None where the stored alpha is NaN or Inf")
-    dtypes: list[str]
-    n_params: int
-    n_targets: int
-    config: dict[str, Any] | None
-    metadata: dict[str, Any]
-    source: str | None
-    files: list[FileInfo]
-    tags: list[str]
+
+
+class VersionInfo(VersionBase, VersionKey):
+    """A registered version. Immutable except for its labels (``tags``, ``aliases``)."""
+
     aliases: list[str]
     created_at: datetime
-    finite: bool | None = Field(None, description="whether every tensor value is finite, checked when it was added "
-                                "(False: it holds NaN or Inf, and merges refuse it); None: not checked (an ONNX "
-                                "export, or added before weightlab recorded it)")
 
     @property
     def artifact(self) -> str:
@@ -369,7 +357,7 @@ class LineageInput(BaseModel):
     def _check(self) -> LineageInput:
         if self.ref is None and self.tensor_hash is None:
             raise ValueError("give `ref` (a registered version), `tensor_hash` (an outside file), or both")
-        if self.tensor_hash is not None and not _HEX64.fullmatch(self.tensor_hash):
+        if self.tensor_hash is not None and not SHA256.fullmatch(self.tensor_hash):
             raise ValueError(f"tensor_hash {self.tensor_hash!r} is not a sha256 digest (64 lowercase hex digits)")
         check_label(self.role, "role")
         if self.label is not None:
@@ -491,3 +479,137 @@ class GcReport(BaseModel):
 
 
 LineageEdge.model_rebuild()
+
+
+# -- tokens and namespaces (the web API's access control) -----------------------------------------------------
+
+Scope = Literal["read", "write", "admin"]
+SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
+ALL = "*"  # a token's namespace that stands for every namespace
+
+
+class TokenBase(BaseModel):
+    name: str = Field("token", min_length=1, max_length=100, description="a label: who or what uses it")
+    namespace: str = Field(description="the namespace it grants access to; * for every namespace")
+    scope: Scope
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return value if value == ALL else check_name(value)
+
+
+class TokenCreate(TokenBase):
+    name: str = Field("token", min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$",
+                      description="a label: who or what uses it (printable text, no control characters)")
+    expires_in_days: float | None = Field(None, gt=0, le=36500, description="none: never expires")
+
+
+class TokenPublic(TokenBase):
+    id: int
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class TokenCreated(TokenPublic):
+    token: str = Field(description="the secret; shown only now. Send it as `Authorization: Bearer <token>`")
+
+
+class NamespaceBase(BaseModel):
+    public: bool = Field(False, description="anyone may read it, without a token")
+
+
+class NamespaceUpdate(NamespaceBase):
+    pass
+
+
+class NamespacePublic(NamespaceBase):
+    name: str
+
+
+# -- request bodies of the web API -------------------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class AliasUpdate(BaseModel):
+    ref: str = Field(description="the version to point the alias at: ns/name@N, ns/name@<hash>, ns/name:other-alias")
+
+
+class TagsUpdate(BaseModel):
+    add: list[str] = Field(default_factory=list, max_length=100)
+    remove: list[str] = Field(default_factory=list, max_length=100)
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+
+
+def error_classes() -> dict[str, type[WeightlabError]]:
+    """Every WeightlabError class by name (they all live in :mod:`weightlab.errors`)."""
+    found, todo = {}, [WeightlabError]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return found
+
+
+class ErrorBody(BaseModel):
+    """Every error of the web API: what went wrong and how to fix it, the error's class, and its fields.
+
+    The HTTP status is the class's ``http_status``. :meth:`exception` rebuilds the error on the client's side.
+    """
+
+    detail: str
+    error: str = Field(description="the weightlab error class, e.g. NotFoundError")
+    fields: dict[str, Any] = Field({}, description="the error's fields besides its message, e.g. `version` (the "
+                                   "version that exists) of a DuplicateVersionError, `keys` of an UnmatchedKeysError")
+
+    @classmethod
+    def of(cls, error: WeightlabError) -> ErrorBody:
+        return cls(detail=str(error), error=type(error).__name__,
+                   fields={name: getattr(error, name) for name in error.field_names})
+
+    def exception(self) -> WeightlabError:
+        """The error as the same class with the same fields (a RegistryError if this side does not know it)."""
+        cls = error_classes().get(self.error)
+        if cls is None or not set(cls.field_names) <= self.fields.keys():
+            return RegistryError(self.detail)
+        hints = get_type_hints(cls.__init__, vars(errors), globals())  # annotations name the wire types above
+        return cls(self.detail, **{name: TypeAdapter(hints[name]).validate_python(self.fields[name])
+                                   for name in cls.field_names})
+
+
+
+# -- jobs (the queue and its runners: weightlab.registry.jobs) --------------------------------------------------
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+class JobBase(BaseModel):
+    kind: str = Field(description="what to run: merge or export (more kinds plug in with register_runner)")
+    params: dict[str, Any] = Field(description="the kind's parameters, e.g. for merge: recipe, output, tags, metadata; "
+                                               "for export: source or recipe, output, dtype, opset, verify, tags, metadata")
+
+
+class JobCreate(JobBase):
+    pass
+
+
+class JobPublic(JobBase):
+    id: int
+    status: JobStatus
+    namespace: str = Field(description="where the result is registered")
+    result_ref: str | None = Field(description="the registered result, once succeeded")
+    error: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("succeeded", "failed")

@@ -34,34 +34,31 @@ from typing import Any, Iterable
 
 from sqlalchemy import Engine
 
-from weightlab.errors import RegistryError, UnmatchedKeysError, fmt_keys
+from weightlab.errors import (DuplicateVersionError, HashMismatchError, NotFoundError, RegistryError,
+                              UnmatchedKeysError, fmt_keys)
 from weightlab.files import file_sha256, tensor_hash
-from weightlab.registry import crud
+from weightlab.registry import auth, crud
 from weightlab.registry.checkouts import Checkouts
 from weightlab.registry.config import RegistrySettings
+from weightlab.registry.contract import RegistryProtocol
 from weightlab.registry.db import ensure_schema, make_engine, transaction
 from weightlab.registry.ingest import SourceFile, Staged, stage
+from weightlab.registry.jobs import queue as job_queue
 from weightlab.registry.onnx_artifact import check_residual, describe_onnx, is_onnx_export
-from weightlab.registry.schemas import (BlobProblem, Derivation, FileInfo, GcReport, Kind, LineageNode, Ref,
-                                        VerifyReport, VersionCreate, VersionInfo, check_json, check_label,
-                                        manifest_digest)
-from weightlab.registry.store import BlobStore, HashMismatchError, inside, open_store
+from weightlab.registry.schemas import (BlobProblem, Derivation, FileInfo, GcReport, JobCreate, JobPublic, Kind,
+                                        LineageNode, NamespacePublic, Ref, Scope, TokenCreate, TokenCreated,
+                                        TokenPublic, VerifyReport, VersionBase, VersionCreate, VersionInfo, check_json,
+                                        check_label, check_name, manifest_digest)
+from weightlab.registry.store import BlobStore, LocalBlobStore, inside
 
 log = logging.getLogger(__name__)
 GC_GRACE_SECONDS = 3600.0
 _CHUNK = 8 * 1024 * 1024
 
 
-class DuplicateVersionError(RegistryError):
-    """``add(..., exist_ok=False)`` of tensors the name already holds; ``.version`` is the existing version."""
-
-    def __init__(self, message: str, version: VersionInfo):
-        super().__init__(message)
-        self.version = version
-
-
-class Registry:
-    """A registry: database + blob store.
+class Registry(RegistryProtocol):
+    """A registry: database + blob store. It keeps :class:`~weightlab.registry.contract.RegistryProtocol`, as
+    :class:`weightlab.Client` does for a registry server.
 
     Args:
         url (str | None): SQLAlchemy database URL; default ``$WEIGHTLAB_DB_URL``, else SQLite at
@@ -104,8 +101,7 @@ class Registry:
     def add(self, source: str | os.PathLike, *, name: str | None = None, kind: Kind | None = None,
             tags: Iterable[str] = (), metadata: dict[str, Any] | None = None, sha256: str | None = None,
             revision: str | None = None, lineage: Derivation | None = None, allow_pickle: bool = False,
-            strict: bool = True, exist_ok: bool = True, recorded_source: str | None = None,
-            sha256_trusted: bool = False, namespaces: Iterable[str] | None = None) -> VersionInfo:
+            strict: bool = True, exist_ok: bool = True) -> VersionInfo:
         """Register a file or folder as the next version of ``name``.
 
         Args:
@@ -128,15 +124,43 @@ class Registry:
             strict (bool, default True): refuse files with keys that map to no module of the family.
             exist_ok (bool, default True): when ``name`` already holds these tensors, return that version;
                 False raises :class:`DuplicateVersionError`.
-            recorded_source (str | None): what to record as the version's source; default the file's resolved
-                path or hub URI (the web API records the uploader's file name instead of its temp file).
-            sha256_trusted (bool, default False): ``source`` lies in the store's ``tmp_dir`` and ``sha256`` was
-                computed from its bytes as they were written there (the web API's received upload): the file is
-                stored without hashing it again.
-            namespaces (Iterable[str] | None): the namespaces the caller may read (the web API); ``lineage`` inputs
-                given only by tensor hash link to versions there only. None: every namespace.
         Returns:
             VersionInfo: the new (or existing) version.
+        """
+        return self._add(source, name=name, kind=kind, tags=tags, metadata=metadata, sha256=sha256, revision=revision,
+                         lineage=lineage, allow_pickle=allow_pickle, strict=strict, exist_ok=exist_ok)
+
+    def register_output(self, path: str | os.PathLike, *, name: str, kind: Kind, derivation: Derivation,
+                        tags: Iterable[str] = (), metadata: dict[str, Any] | None = None,
+                        source: str | None = None) -> VersionInfo:
+        """Register what a merge, a training run, an export or a job produced, with its lineage.
+
+        Args:
+            path (str | PathLike): the output file or folder.
+            name (str): ``ns/name`` of the output.
+            kind (str): its role (a merge output is a ``base``, an export ``onnx``).
+            derivation (Derivation): how it was produced, e.g. ``Derivation.from_merged_file(path)`` for a merge
+                output, or a ``trained_from`` derivation naming the training inputs.
+            tags, metadata: as for :meth:`add`.
+            source (str | None): what to record as where it came from (e.g. ``job:7``); default the path.
+        Returns:
+            VersionInfo: the new version (or the existing one holding the same tensors).
+        Example:
+            >>> reg.register_output("out.safetensors", name="me/anim", kind="base",                  # doctest: +SKIP
+            ...                     derivation=Derivation.from_merged_file("out.safetensors"))
+        """
+        return self._add(path, name=name, kind=kind, tags=tags, metadata=metadata, lineage=derivation,
+                         recorded_source=source)
+
+    def _add(self, source: str | os.PathLike, *, name: str | None = None, kind: Kind | None = None,
+             tags: Iterable[str] = (), metadata: dict[str, Any] | None = None, sha256: str | None = None,
+             revision: str | None = None, lineage: Derivation | None = None, allow_pickle: bool = False,
+             strict: bool = True, exist_ok: bool = True, recorded_source: str | None = None,
+             sha256_trusted: bool = False, namespaces: Iterable[str] | None = None) -> VersionInfo:
+        """:meth:`add`, with what only the registry's own producers set: ``recorded_source`` (recorded instead of
+        the path), ``sha256_trusted`` (``source`` lies in the store's ``tmp_dir`` and ``sha256`` was computed from its
+        bytes as they were written there: it is stored without hashing it again) and ``namespaces`` (those the
+        caller may read: ``lineage`` inputs given only by tensor hash link to versions there only; None: every one).
         """
         metadata, tags = check_json(metadata or {}), [check_label(t, "tag") for t in tags]  # before storing anything
         with stage(source, revision=revision, allow_pickle=allow_pickle) as staged, \
@@ -155,17 +179,15 @@ class Registry:
                 version, created = crud.create_version(s, namespace=ref.namespace, name=ref.name, new=new)
                 if lineage is not None and version.derivation is None:
                     crud.record_derivation(s, version=version, derivation=lineage,
-                                           namespaces=None if namespaces is None else set(namespaces))
+                                           namespaces=_set(namespaces))
                 info = crud.version_info(version)
             for f, src in zip(files, sources):  # a gc between our blob write and commit may have taken it
                 if not self.store.exists(f.sha256):
                     self._put(src.path, f.sha256, f.path, trusted=trusted)
         if not created:
-            msg = (f"{info.ref} already holds these tensors (tensor hash {info.tensor_hash[:12]}); nothing added. "
-                   "Fix: to register it again, use another name.")
             if not exist_ok:
-                raise DuplicateVersionError(msg, info)
-            log.info(msg)
+                raise duplicate(info)
+            log.info("%s", duplicate(info))
         return info
 
     def _spool(self) -> tempfile.TemporaryDirectory:
@@ -231,13 +253,11 @@ class Registry:
         else:
             files = [files[0].model_copy(update={"tensor_hash": info.tensor_hash})]
             identity = info.tensor_hash
-        return VersionCreate(
-            sha256=manifest_digest(files) if staged.folder else files[0].sha256, tensor_hash=identity,
-            size_bytes=sum(f.size_bytes for f in files), format=info.format, family=info.family,
-            kind=kind or info.kind_guess, representation=info.representation, ranks=info.ranks, alphas=info.alphas,
-            dtypes=info.dtypes, n_params=info.n_params, n_targets=info.n_targets, config=info.config,
-            metadata=metadata or {}, source=staged.source, files=files, tags=list(tags), finite=info.finite,
-        )
+        inspected = {f: getattr(info, f) for f in VersionBase.model_fields.keys() & type(info).model_fields.keys()}
+        return VersionCreate(**{  # every field the inspection has under the version's field name, then these
+            **inspected, "sha256": manifest_digest(files) if staged.folder else files[0].sha256,
+            "tensor_hash": identity, "size_bytes": sum(f.size_bytes for f in files), "kind": kind or info.kind_guess,
+            "metadata": metadata or {}, "source": staged.source, "files": files, "tags": list(tags)})
 
     @staticmethod
     def _describe_onnx(path: Path, files: list[FileInfo], staged: Staged, *, kind: str | None, tags: Iterable[str],
@@ -263,7 +283,7 @@ class Registry:
         Returns:
             LineageNode: the version with its recorded inputs.
         """
-        readable = None if namespaces is None else set(namespaces)
+        readable = _set(namespaces)
         with transaction(self._engine, write=True) as s:
             version = crud.resolve(s, ref=Ref.parse(ref))
             crud.record_derivation(s, version=version, derivation=derivation, namespaces=readable)
@@ -300,7 +320,7 @@ class Registry:
         with transaction(self._engine) as s:
             return crud.search(s, kind=kind, family=family, tag=tag, text=text, namespace=namespace,
                                all_versions=all_versions, limit=limit, offset=offset,
-                               namespaces=None if namespaces is None else set(namespaces))
+                               namespaces=_set(namespaces))
 
     def lineage(self, ref: str, *, depth: int | None = None, namespaces: Iterable[str] | None = None) -> LineageNode:
         """What ``ref`` was derived from, recursively: relation, recipe, and each input's role and scale.
@@ -310,7 +330,7 @@ class Registry:
         """
         with transaction(self._engine) as s:
             return crud.lineage(s, version=crud.resolve(s, ref=Ref.parse(ref)), depth=depth,
-                                namespaces=None if namespaces is None else set(namespaces))
+                                namespaces=_set(namespaces))
 
     def path(self, ref: str) -> Path:
         """A local path with the version's content: its file, or its folder laid out as it was added."""
@@ -358,7 +378,74 @@ class Registry:
             crud.update_tags(s, version=version, add=list(add), remove=list(remove))
             return crud.version_info(version)
 
+    # -- jobs (run by the job workers of `weightlab serve` or `weightlab worker` on this database) -------------
+
+    def submit_job(self, kind: str, params: dict[str, Any]) -> JobPublic:
+        """Queue a job, e.g. ``submit_job("merge", {"recipe": recipe.model_dump(), "output": "team/anim"})`` or
+        ``submit_job("export", {"source": "team/anim@1", "output": "team/anim-onnx", "dtype": "float16"})``.
+
+        Raises:
+            JobSpecError: unknown kind, or parameters it does not accept.
+        """
+        with transaction(self._engine, write=True) as s:
+            return job_queue.public(job_queue.enqueue(s, spec=JobCreate(kind=kind, params=params), token_id=None))
+
+    def job(self, job_id: int, *, namespaces: Iterable[str] | None = None) -> JobPublic:
+        """The job ``job_id`` (``namespaces``: only if its result goes to one of them; None: any)."""
+        with transaction(self._engine) as s:
+            return job_queue.public(job_queue.get_job(s, job_id=job_id, namespaces=_set(namespaces)))
+
+    def jobs(self, *, status: str | None = None, limit: int = 100, offset: int = 0,
+             namespaces: Iterable[str] | None = None) -> list[JobPublic]:
+        """Jobs (whose results go to ``namespaces``; None: any), newest first."""
+        with transaction(self._engine) as s:
+            return [job_queue.public(j) for j in job_queue.list_jobs(s, namespaces=_set(namespaces), status=status,
+                                                                     limit=limit, offset=offset)]
+
+    # -- tokens and namespaces of the web API -----------------------------------------------------------------
+
+    def create_token(self, *, namespace: str, scope: Scope, name: str = "token",
+                     expires_in_days: float | None = None) -> TokenCreated:
+        """A new API token granting ``scope`` on ``namespace`` (``*``: every one); its secret is shown only here."""
+        spec = TokenCreate(name=name, namespace=namespace, scope=scope, expires_in_days=expires_in_days)
+        with transaction(self._engine, write=True) as s:
+            return auth.create_token(s, spec=spec)
+
+    def tokens(self, *, namespaces: Iterable[str] | None = None) -> list[TokenPublic]:
+        """API tokens (never their secrets): those of ``namespaces``, or every one (None)."""
+        with transaction(self._engine) as s:
+            return auth.list_tokens(s, namespaces=_set(namespaces))
+
+    def revoke_token(self, token_id: int) -> None:
+        """Revoke an API token: requests that send it are refused from now on.
+
+        Raises:
+            NotFoundError: no token with that id.
+        """
+        with transaction(self._engine, write=True) as s:
+            auth.delete_token(s, token_id=token_id)
+
+    def namespaces(self, *, namespaces: Iterable[str] | None = None) -> list[NamespacePublic]:
+        """The namespaces (among ``namespaces``; None: all), and whether anyone may read them without a token."""
+        allowed = _set(namespaces)
+        with transaction(self._engine) as s:
+            return [NamespacePublic(name=ns.name, public=ns.public) for ns in crud.list_namespaces(s)
+                    if allowed is None or ns.name in allowed]
+
+    def set_public(self, namespace: str, public: bool = True) -> NamespacePublic:
+        """Let anyone read ``namespace`` through the web API without a token (or stop it, ``public=False``)."""
+        check_name(namespace)
+        with transaction(self._engine, write=True) as s:
+            ns = crud.set_namespace_public(s, namespace=namespace, public=public)
+            return NamespacePublic(name=ns.name, public=ns.public)
+
     # -- maintenance ----------------------------------------------------------------------------------------
+
+    def repair(self, *, dry_run: bool = False) -> list[str]:
+        """Replace stored JSON documents that break :data:`~weightlab.registry.schemas.JSON_LIMITS` (written before
+        they were checked) with the placeholder readers are shown; returns one line per document found."""
+        with transaction(self._engine, write=not dry_run) as s:
+            return crud.repair_stored_json(s, dry_run=dry_run)
 
     def verify(self, *, remove_corrupt: bool = False) -> VerifyReport:
         """Re-hash every blob; report corrupt blobs and blobs that versions need but the store lacks.
@@ -410,6 +497,81 @@ class Registry:
             kept=len(referenced), temp_removed=0 if dry_run else self.store.sweep_temp(older_than=grace),
             checkouts_removed=self._checkouts.sweep(keep=keep, older_than=grace, dry_run=dry_run), dry_run=dry_run,
         )
+
+
+def open_store(url: str, *, cache_dir: str | os.PathLike | None = None) -> BlobStore:
+    """The blob store at ``url``: a local folder (a path or ``file://``), or ``s3://BUCKET[/PREFIX]``.
+
+    Args:
+        url (str): where the blobs live. S3 credentials, region and endpoint come from the usual AWS settings
+            (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL_S3`` for an S3-compatible server, ...).
+        cache_dir (str | PathLike | None): local folder of a remote store (blobs opened as files, temp files);
+            default ``~/.weightlab/cache``.
+    Raises:
+        RegistryError: the URL's scheme is not supported.
+    """
+    if url.startswith("s3://"):
+        from weightlab.registry.s3 import S3BlobStore
+
+        return S3BlobStore(url, cache_dir=cache_dir or Path.home() / ".weightlab" / "cache")
+    if "://" in url and not url.startswith("file://"):
+        scheme = url.split("://", 1)[0]
+        raise RegistryError(f"blob store URL {url!r}: scheme {scheme!r} is not supported (supported: a local path, "
+                            "file://, s3://BUCKET/PREFIX). Fix: set WEIGHTLAB_BLOB_STORE to one of those.")
+    return LocalBlobStore(url.removeprefix("file://"))
+
+
+def duplicate(info: VersionInfo) -> DuplicateVersionError:
+    """The error for adding, with ``exist_ok=False``, tensors that ``info``'s artifact already holds."""
+    return DuplicateVersionError(f"{info.ref} already holds these tensors (tensor hash {info.tensor_hash[:12]}); "
+                                 "nothing added. Fix: to register it again, use another name.", info)
+
+
+def register_upload(registry: Registry, path: Path, *, name: str, source: str, sha256: str, trusted: bool,
+                    kind: Kind | None, tags: list[str], metadata: dict[str, Any], lineage: Derivation | None,
+                    strict: bool, namespaces: Iterable[str] | None) -> VersionInfo:
+    """The web API's entry point: register an upload the server received into the store's ``tmp_dir`` and checked
+    against ``sha256`` (a file's sha256, or a folder's manifest digest), recording ``source`` as where it came from.
+
+    Cheapest first: the same content again (a retry, or many clients) raises :class:`DuplicateVersionError` at once;
+    then the checks ``add`` runs on the stored copy (ingest rules, family, kind, unmatched keys, the config within
+    the limits) run on the upload, so that a refused upload stores nothing; then it is added.
+
+    Args:
+        trusted (bool): ``sha256`` was computed from the file's bytes as they were written (a single file).
+        namespaces (Iterable[str] | None): those the uploader may read; ``lineage`` inputs given only by tensor hash
+            link to versions there only.
+    """
+    if lineage is None:
+        try:
+            found = registry.get(f"{name}@{sha256}")
+        except NotFoundError:
+            found = None
+        if found is not None and found.sha256 == sha256:
+            raise duplicate(found)
+    _check_before_storing(path, kind=kind, strict=strict)
+    return registry._add(path, name=name, kind=kind, tags=tags, metadata=metadata, sha256=sha256, lineage=lineage,
+                         strict=strict, exist_ok=False, recorded_source=source, sha256_trusted=trusted,
+                         namespaces=namespaces)
+
+
+def _check_before_storing(path: Path, *, kind: Kind | None, strict: bool) -> None:
+    """Run the checks ``add`` runs on the stored copy on ``path`` itself. Loading memory-maps: nothing is copied."""
+    from weightlab.loading import load
+
+    if path.is_dir():
+        with stage(path):  # the ingest rules: no pickles, sound safetensors headers
+            pass
+    if kind == "onnx" or is_onnx_export(path):
+        config = describe_onnx(path).config
+    else:
+        config = getattr(load(path, kind=kind, strict=strict), "config", None)
+    if config:
+        check_json(config, "config")
+
+
+def _set(namespaces: Iterable[str] | None) -> set[str] | None:
+    return None if namespaces is None else set(namespaces)
 
 
 def _copy_hashing(src: Path, dest: Path) -> str:

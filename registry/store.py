@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -21,16 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from weightlab.errors import NotFoundError, RegistryError
+from weightlab.errors import HashMismatchError, NotFoundError, RegistryError
+from weightlab.files import SHA256
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 8 * 1024 * 1024
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class HashMismatchError(RegistryError):
-    """Bytes do not match the hash they were declared or stored under."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +36,7 @@ class BlobStat:
 
 
 def check_digest(sha256: str) -> str:
-    if not _HEX64.fullmatch(sha256):
+    if not SHA256.fullmatch(sha256):
         raise RegistryError(f"{sha256!r} is not a sha256 digest (64 lowercase hex digits).")
     return sha256
 
@@ -212,7 +207,7 @@ class LocalBlobStore(BlobStore):
         for sub in sorted(self._objects.iterdir()):
             for f in sorted(sub.iterdir()):
                 digest = sub.name + f.name
-                if _HEX64.fullmatch(digest):
+                if SHA256.fullmatch(digest):
                     st = f.stat()
                     yield BlobStat(digest, st.st_size, st.st_mtime)
 
@@ -251,26 +246,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def open_store(url: str, *, cache_dir: str | os.PathLike | None = None) -> BlobStore:
-    """The blob store at ``url``: a local folder (a path or ``file://``), or ``s3://BUCKET[/PREFIX]``.
-
-    Args:
-        url (str): where the blobs live. S3 credentials, region and endpoint come from the usual AWS settings
-            (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL_S3`` for an S3-compatible server, ...).
-        cache_dir (str | PathLike | None): local folder of a remote store (blobs opened as files, temp files);
-            default ``~/.weightlab/cache``.
-    Raises:
-        RegistryError: the URL's scheme is not supported.
-    """
-    if url.startswith("s3://"):
-        from weightlab.registry.s3 import S3BlobStore
-
-        return S3BlobStore(url, cache_dir=cache_dir or Path.home() / ".weightlab" / "cache")
-    if "://" in url and not url.startswith("file://"):
-        scheme = url.split("://", 1)[0]
-        raise RegistryError(f"blob store URL {url!r}: scheme {scheme!r} is not supported (supported: a local path, "
-                            "file://, s3://BUCKET/PREFIX). Fix: set WEIGHTLAB_BLOB_STORE to one of those.")
-    return LocalBlobStore(url.removeprefix("file://"))
-

@@ -49,8 +49,7 @@ def build_tiny(demo: Demo) -> None:
 
 def inspect_files(demo: Demo) -> None:
     """``weightlab inspect`` on every file: family, kind, representation, ranks, hashes."""
-    from weightlab.cli.inspect import inspect_table
-    from weightlab.inspect import inspect_path
+    from weightlab.inspect import inspect_path, inspect_table
 
     demo.inspections = {name: inspect_path(path) for name, path in demo.tiny.files().items()}
     console.print(inspect_table(list(demo.inspections.values())))
@@ -74,9 +73,11 @@ def register_family(demo: Demo) -> None:
 
 def merge_by_name(demo: Demo) -> None:
     """Eq. 2 by registry names: base + 0.8·style + 1.0·LCM-LoRA + 1.0·motion, streamed to a diffusers folder."""
-    from weightlab.cli.merge import register_output
     from weightlab.merge import merge_to_folder
     from weightlab.recipe import Recipe, Term
+    from weightlab.registry.resolve import LocalResolver
+    from weightlab.registry.schemas import Derivation
+    from weightlab.registry.service import Registry
 
     recipe = Recipe(base=demo.refs["base_dir"], terms=[
         Term(source=demo.refs["style_lora_kohya"], kind="style", scale=0.8),
@@ -84,8 +85,12 @@ def merge_by_name(demo: Demo) -> None:
         Term(source=demo.refs["motion_animatelcm"], kind="motion", scale=1.0)])
     demo.recipe = recipe
     demo.merged = demo.home / "demo" / "merged_unet"
-    summary = merge_to_folder(recipe, demo.merged, progress=False)
-    version = register_output(recipe, demo.merged, "tiny/video-lcm")
+    with LocalResolver(home=demo.home) as resolve:  # the merge engine reads paths; the registry resolves names
+        summary = merge_to_folder(recipe, demo.merged, progress=False, resolve=resolve)
+    with Registry(home=demo.home) as reg:
+        version = reg.register_output(demo.merged, name="tiny/video-lcm", kind="base",
+                                      derivation=Derivation.from_merged_file(demo.merged),
+                                      metadata={"recipe_hash": recipe.hash})
     demo.results["merge"] = summary["seconds"]
     console.print(recipe.to_yaml())
     console.print(f"merged {summary['tensors']} tensors in {summary['seconds']:.2f} s -> {demo.merged}")
@@ -94,7 +99,7 @@ def merge_by_name(demo: Demo) -> None:
 
 def show_lineage(demo: Demo) -> None:
     """The merged version's lineage names its base and every term with its scale."""
-    from weightlab.cli.registry import lineage_tree
+    from weightlab.registry.render import lineage_tree
     from weightlab.registry.service import Registry
 
     with Registry(home=demo.home) as reg:
@@ -113,10 +118,14 @@ def _write(clip, name: str, demo: Demo) -> str:
 
 
 def sample_pytorch(demo: Demo) -> None:
-    """16 frames, 4 LCM steps, no CFG, from the merged folder with the PyTorch pipeline."""
+    """16 frames, 4 LCM steps, no CFG, from the merged folder with the PyTorch pipeline (its recipe names the base
+    pipeline, whose text encoder and VAE it uses, by registry reference)."""
+    from weightlab.registry.resolve import LocalResolver
     from weightlab.video import VideoPipeline
 
-    clip = VideoPipeline.from_source(demo.merged)(PROMPT, frames=16, steps=4, guidance=1.0, seed=0, progress=False)
+    with LocalResolver(home=demo.home) as resolve:
+        pipe = VideoPipeline.from_source(demo.merged, resolve=resolve)
+    clip = pipe(PROMPT, frames=16, steps=4, guidance=1.0, seed=0, progress=False)
     demo.results["torch"] = (clip, _write(clip, "clip_torch", demo))
     console.print(f"{clip.frames.shape[0]} frames {clip.frames.shape[1:3]}, denoise {clip.seconds['denoise']:.2f} s -> {demo.results['torch'][1]} (+ .gif)")
 
@@ -124,14 +133,16 @@ def sample_pytorch(demo: Demo) -> None:
 def export_onnx(demo: Demo) -> None:
     """UNetMotionModel, text encoder and VAE decoder to ONNX, each verified against PyTorch."""
     from weightlab.onnx_export import export_onnx as export
+    from weightlab.registry.resolve import LocalResolver
 
     demo.onnx_dir = demo.home / "demo" / "onnx"
     t = time.perf_counter()
-    manifest = export(demo.merged, demo.onnx_dir, progress=False)
+    with LocalResolver(home=demo.home) as resolve:
+        manifest = export(demo.merged, demo.onnx_dir, progress=False, resolve=resolve)
     demo.results["export"] = time.perf_counter() - t
-    for name, part in manifest["models"].items():
-        v = part["verification"]
-        console.print(f"{name:<14} verified vs PyTorch: max abs err {v['max_abs_err']:.2e}, max rel err {v['max_rel_err']:.2e}")
+    for name, part in manifest.models.items():
+        v = part.verification
+        console.print(f"{name:<14} verified vs PyTorch: max abs err {v.max_abs_err:.2e}, max rel err {v.max_rel_err:.2e}")
 
 
 def sample_onnx(demo: Demo) -> None:

@@ -39,6 +39,11 @@ SDXL_UNET_CONFIG = dict(
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816, norm_num_groups=32,
 )
+# AnimateDiff-SDXL (guoyww/animatediff-motion-adapter-sdxl-beta): three blocks, no mid-block motion module.
+SDXL_MOTION_CONFIG = dict(
+    block_out_channels=(320, 640, 1280), motion_layers_per_block=2, motion_num_attention_heads=8,
+    motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=False,
+)
 
 
 def _meta_state_shapes(build) -> dict[str, tuple[int, ...]]:
@@ -47,6 +52,11 @@ def _meta_state_shapes(build) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = build()
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def is_motion_key(key: str) -> bool:
+    """Whether a parameter (diffusers ``UNetMotionModel`` name) belongs to a motion module."""
+    return ".motion_modules." in key
 
 
 def is_motion_unet_config(config: dict) -> bool:
@@ -116,21 +126,12 @@ class Family:
         """kohya/A1111 flattened module name (``down_blocks_0_..._to_q``) -> module path."""
         return {p.replace(".", "_"): p for p in self.weight_modules}
 
-    def is_motion_key(self, key: str) -> bool:
-        return ".motion_modules." in key
-
 
 SD15 = Family("sd15", SD15_UNET_CONFIG, SD15_MOTION_CONFIG, "Stable Diffusion 1.x UNet (+ AnimateDiff motion modules)")
 SD2 = Family("sd2", SD2_UNET_CONFIG, None, "Stable Diffusion 2.x UNet (linear attention projections)")
-SDXL = Family("sdxl", SDXL_UNET_CONFIG, None, "Stable Diffusion XL UNet (two text encoders, text_time embedding)")
+SDXL = Family("sdxl", SDXL_UNET_CONFIG, SDXL_MOTION_CONFIG,
+              "Stable Diffusion XL UNet (two text encoders, text_time embedding; + AnimateDiff-SDXL motion modules)")
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD15, SD2, SDXL)}  # detection order: first fit wins
-
-
-def get_family(name: str) -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise FamilyMismatchError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}.") from None
 
 
 def _fits(keys_ndim: dict[str, int], family: Family) -> list[str]:

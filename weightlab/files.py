@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -19,15 +20,24 @@ import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from weightlab.errors import FileFormatError, UnsafeFileError, fmt_keys
 
+SHA256_PATTERN = "[0-9a-f]{64}"  # a sha256 digest (a file's, a tensor hash) as weightlab writes it
+SHA256 = re.compile(SHA256_PATTERN)  # apply with fullmatch
+
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
+# The one dtype table: safetensors' name -> (torch's name, bytes per element); the whitelist a header is checked against.
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # what a merge rounds to and a model runs in (torch's names)
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 _CHUNK = 8 * 1024 * 1024
 
@@ -99,14 +109,14 @@ def read_header(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_B
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise FileFormatError(f"{path}: tensor `{name}` needs exactly dtype, shape and data_offsets.")
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_SIZES:
-            raise FileFormatError(f"{path}: tensor `{name}` has unsupported dtype {dtype!r} (allowed: {', '.join(DTYPE_SIZES)}).")
+        if dtype not in DTYPES:
+            raise FileFormatError(f"{path}: tensor `{name}` has unsupported dtype {dtype!r} (allowed: {', '.join(DTYPES)}).")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise FileFormatError(f"{path}: tensor `{name}` has an invalid shape {shape!r}.")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
                 or not 0 <= offs[0] <= offs[1]):
             raise FileFormatError(f"{path}: tensor `{name}` has invalid data_offsets {offs!r}.")
-        if offs[1] - offs[0] != math.prod(shape) * DTYPE_SIZES[dtype]:
+        if offs[1] - offs[0] != math.prod(shape) * DTYPES[dtype][1]:
             raise FileFormatError(f"{path}: tensor `{name}` byte range {offs} does not match shape {shape} x {dtype}.")
         tensors[name] = TensorEntry(dtype, tuple(shape), data_start + offs[0], data_start + offs[1])
     pos = data_start
@@ -153,16 +163,36 @@ def tensor_hash(path: str | os.PathLike, header: Header | None = None) -> str:
     return h.hexdigest()
 
 
-def state_dict_hash(tensors: Mapping[str, "torch.Tensor"]) -> str:  # noqa: F821
-    """The same identity as :func:`tensor_hash`, computed from tensors in memory."""
-    from safetensors.torch import _TYPES  # dtype -> safetensors name
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``F16``) or a torch one (``float16``), from :data:`DTYPES`."""
+    import torch
 
-    names = {v: k for k, v in _TYPES.items()}
+    return getattr(torch, DTYPES[name][0] if name in DTYPES else name)
+
+
+def safetensors_dtype(dtype: torch.dtype) -> str:
+    """The safetensors name (``F16``) of a torch dtype, from :data:`DTYPES`.
+
+    Raises:
+        FileFormatError: safetensors has no name for it (complex, unsigned wider than 8 bits, ...).
+    """
+    torch_name = str(dtype).removeprefix("torch.")
+    for name, (torch_name_of, _) in DTYPES.items():
+        if torch_name_of == torch_name:
+            return name
+    raise FileFormatError(f"a {torch_name} tensor cannot be written to safetensors here (allowed: "
+                          f"{', '.join(t for t, _ in DTYPES.values())}). Fix: convert it with .to(torch.float32).")
+
+
+def state_dict_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The same identity as :func:`tensor_hash`, computed from tensors in memory."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
-        h.update(json.dumps([name, names[t.dtype], list(t.shape)]).encode())
-        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(json.dumps([name, safetensors_dtype(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -294,12 +324,6 @@ def save_tensors(tensors: Mapping, path: str | os.PathLike, metadata: Mapping[st
     return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=dict(metadata or {})))
 
 
-_TORCH_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
-
-
 def mmap_tensors(path: str | os.PathLike, header: Header | None = None) -> dict:
     """Zero-copy tensors over a private (copy-on-write) memory map of a validated safetensors file.
 
@@ -320,13 +344,13 @@ def mmap_tensors(path: str | os.PathLike, header: Header | None = None) -> dict:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     start = None
     for name, t in header.tensors.items():
-        dtype = getattr(torch, _TORCH_DTYPES[t.dtype])
+        dtype = torch_dtype(t.dtype)
         if t.end == t.start:
             out[name] = torch.empty(t.shape, dtype=dtype)
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flat = torch.frombuffer(mm, dtype=dtype, count=(t.end - t.start) // DTYPE_SIZES[t.dtype], offset=t.start)
+            flat = torch.frombuffer(mm, dtype=dtype, count=(t.end - t.start) // DTYPES[t.dtype][1], offset=t.start)
         out[name] = flat.view(t.shape)
         if start is None:
             start = flat.data_ptr() - t.start

@@ -1,14 +1,18 @@
-"""``inspect_path``: what a weight file or folder is, without merging anything."""
+"""``inspect_path``: what a weight file or folder is, without merging anything; ``inspect_table`` shows it."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from weightlab.files import file_sha256 as sha256_of, sniff, tensor_hash
 from weightlab.loading import PICKLE_WEIGHT_FILES, WEIGHT_FILES, load, lora_folder_file
 from weightlab.residuals import LoRA
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 class Inspection(BaseModel):
@@ -80,3 +84,20 @@ def inspect_path(path: str | Path, *, allow_pickle: bool = False, file_sha256: s
         weights_file=str(wfile), config=getattr(res, "config", None) or None, skipped=res.skipped,
         finite=not res.non_finite(),
     )
+
+
+def inspect_table(infos: list[Inspection]) -> Table:
+    """A readable rich table of :class:`Inspection` rows (``weightlab inspect``, the demo)."""
+    from rich.table import Table
+
+    table = Table(title="weightlab inspect")
+    for col in ("file", "family", "kind", "repr", "ranks (alpha)", "targets", "dtypes", "params", "sha256", "tensor hash", "skipped",
+                "finite"):
+        table.add_column(col, overflow="fold")
+    for i in infos:
+        ranks = ", ".join(f"{r}" for r in i.ranks) + (f" ({', '.join(f'{a:g}' for a in i.alphas)})" if i.alphas else "")
+        algebras = f" ({', '.join(i.algebras)})" if i.algebras and i.algebras != ["lora"] else ""
+        table.add_row(Path(i.path).name, i.family, i.kind_guess, i.representation + algebras, ranks or "-", str(i.n_targets),
+                      ",".join(i.dtypes), f"{i.n_params:,}", i.file_sha256[:12], (i.tensor_hash or "-")[:12],
+                      str(len(i.skipped)), "yes" if i.finite else "NO (NaN/Inf)")
+    return table

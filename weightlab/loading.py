@@ -12,14 +12,15 @@ import json
 import logging
 from pathlib import Path
 
-from weightlab.errors import (AdapterOptionError, FileFormatError, ShapeMismatchError, UnmatchedKeysError,
-                              WeightlabError, fmt_keys)
-from weightlab.families import (FAMILIES, SD15, Family, best_family, detect_family, infer_motion_config,
-                                infer_unet_config, is_motion_unet_config, unet_shapes_for)
+from weightlab.errors import (AdapterOptionError, FamilyMismatchError, FileFormatError, MissingComponentError,
+                              ShapeMismatchError, UnmatchedKeysError, WeightlabError, fmt_keys)
+from weightlab.families import (FAMILIES, Family, best_family, detect_family, infer_motion_config,
+                                infer_unet_config, is_motion_key, is_motion_unet_config, unet_shapes_for)
 from weightlab.files import load_tensors, mmap_tensors, sniff
-from weightlab.formats import adapter_config, ldm, lora, motion
+from weightlab.formats import adapter_config, ldm, lora, motion, single_file
 from weightlab.formats.adapter_config import AdapterConfig
-from weightlab.residuals import KINDS, Base, Dense, LoRA, MotionModule, Residual
+from weightlab.kinds import KINDS
+from weightlab.residuals import Base, Dense, LoRA, MotionModule, Residual
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -50,7 +51,7 @@ def _folder_weights(folder: Path, allow_pickle: bool) -> Path:
     raise FileFormatError(f"{folder}: no weights file ({', '.join(WEIGHT_FILES)}) found.")
 
 
-def _check_unmatched(unmatched: list[str], strict: bool, source, what: str, target: str = "sd15 module") -> list[str]:
+def _check_unmatched(unmatched: list[str], strict: bool, source, what: str, target: str) -> list[str]:
     if unmatched and strict:
         raise UnmatchedKeysError(
             f"{source}: {len(unmatched)} {what} key(s) map to no {target}: {fmt_keys(unmatched)}. "
@@ -62,7 +63,7 @@ def _check_unmatched(unmatched: list[str], strict: bool, source, what: str, targ
 
 
 def _guess_lora_kind(targets: dict, source: Path, metadata: dict) -> str:
-    if targets and all(".motion_modules." in p for p in targets):
+    if targets and all(is_motion_key(p) for p in targets):
         return "motion_lora"
     hint = (source.name + " " + json.dumps(metadata)).lower()
     if "lcm" in hint or all(any(m in p for p in targets) for m in _LCM_MARKERS):
@@ -88,9 +89,9 @@ def _base(weights: dict, config: dict | None, *, source: Path, metadata: dict, s
           pipeline_dir: Path | None) -> Base:
     """A base: its parameters are exactly those of the UNet its config describes (given, or inferred from the
     weights), whatever the layout; the family only names it (and refuses residuals of another at merge)."""
-    spatial = {k: tuple(v.shape) for k, v in weights.items() if ".motion_modules." not in k}
+    spatial = {k: tuple(v.shape) for k, v in weights.items() if not is_motion_key(k)}
     config = config or infer_unet_config(spatial, what=str(source))
-    motion_shapes = {k: tuple(v.shape) for k, v in weights.items() if ".motion_modules." in k}
+    motion_shapes = {k: tuple(v.shape) for k, v in weights.items() if is_motion_key(k)}
     motion_cfg = (infer_motion_config(motion_shapes, what=str(source))
                   if motion_shapes and not is_motion_unet_config(config) else None)
     expected = unet_shapes_for(config, motion_config=motion_cfg)
@@ -123,10 +124,18 @@ def _motion(weights: dict, *, config: dict | None, kind: str | None, source: Pat
             config["motion_max_seq_length"] = pe_lengths[0]
     for k, table in motion.positional_tables(config).items():
         weights.setdefault(k, table)
-    unknown = [origin.get(k, k) for k in weights if k not in SD15.motion_shapes]
-    skipped = _check_unmatched(unknown, strict, source, "motion-module")
-    weights = {k: v for k, v in weights.items() if k in SD15.motion_shapes}
-    family = detect_family({k: v.dim() for k, v in weights.items()}, what=str(source)).name
+    expected = motion.adapter_shapes(config, what=str(source))
+    unknown = [origin.get(k, k) for k in weights if k not in expected]
+    skipped = _check_unmatched(unknown, strict, source, "motion-module", "parameter of the motion module its config describes")
+    weights = {k: v for k, v in weights.items() if k in expected}
+    if missing := [k for k in expected if k not in weights]:
+        raise UnmatchedKeysError(
+            f"{source}: a motion module must hold every parameter its config describes; {len(missing)} missing: "
+            f"{fmt_keys(missing)}. Fix: pass the complete module (with the config.json saved with it).", missing)
+    if bad := [f"{k}: {tuple(v.shape)} vs {expected[k]}" for k, v in weights.items() if tuple(v.shape) != expected[k]]:
+        raise ShapeMismatchError(f"{source}: {len(bad)} weight(s) do not have the shape the motion config gives: "
+                                 f"{'; '.join(bad[:5])}. Fix: pass the config.json saved with these weights.")
+    family = motion.family_of({k: v.dim() for k, v in weights.items()}, what=str(source)).name
     if kind not in (None, "motion"):
         raise WeightlabError(f"{source}: a motion module is kind 'motion', not {kind!r}.")
     return MotionModule(family=family, source=source, metadata=metadata, skipped=skipped, weights=weights, config=config)
@@ -155,26 +164,42 @@ def _alpha_source(targets: dict, adapter: AdapterConfig | None) -> str:
     return none if with_key == 0 else f"`.alpha` keys for {with_key} of {len(targets)} modules; the others {none}"
 
 
-def _lora_family(weights: dict) -> Family:
-    """The first family (sd15, sd2, sdxl) whose modules explain the most keys, and then the most factor ranks
-    (sd2 makes ``proj_in``/``proj_out`` linear where sd15 has 1x1 convs). A LoRA whose modules several families
-    share gets the first; the merge accepts it into any base whose family has all its modules."""
-    best = None
+def _lora_family(weights: dict, metadata: dict, source: Path) -> Family:
+    """The family (sd15, sd2, sdxl) whose modules explain the most keys, and then the most factor ranks (sd2 makes
+    ``proj_in``/``proj_out`` linear where sd15 has 1x1 convs). Among several that fit equally (an attention-only
+    LoRA fits sd15 and sd2), the one the file's metadata names (`lora.declared_family`), else the first; the merge
+    accepts it into any base whose family has all its modules.
+
+    Raises:
+        FamilyMismatchError: the metadata names a family that fits the modules worse than another.
+    """
+    declared = lora.declared_family(metadata)
+    scores: dict[str, tuple[int, int]] = {}
     for fam in FAMILIES.values():
         targets, unmatched = lora.parse_lora(weights, fam)
         misfit = sum(getattr(t, "down", None) is not None and t.down.dim() != fam.weight_modules[p]
                      for p, t in targets.items())
-        if best is None or (len(unmatched), misfit) < best[0]:
-            best = (len(unmatched), misfit), fam
-        if best[0] == (0, 0):
+        scores[fam.name] = (len(unmatched), misfit)
+        if declared is None and scores[fam.name] == (0, 0):
             break
-    return best[1]
+    best = min(scores.values())
+    fits = [name for name, score in scores.items() if score == best]
+    if declared is None or declared[0] in fits:
+        return FAMILIES[declared[0] if declared else fits[0]]
+    name, where = declared
+    unmatched, misfit = scores[name]
+    why = ", ".join(w for n, w in ((unmatched, f"{unmatched} key(s) map to no {name} module"),
+                                   (misfit, f"{misfit} factor(s) have the wrong rank for {name} (linear vs conv)")) if n)
+    raise FamilyMismatchError(
+        f"{source}: its metadata ({where}) says it was made for family {name!r}, but its modules fit "
+        f"{' and '.join(repr(f) for f in fits)} better ({why}). Fix: use the LoRA made for your base, or correct "
+        "the metadata if it is wrong.")
 
 
 def _lora(weights: dict, *, kind: str | None, source: Path, metadata: dict, strict: bool,
           config_file: Path | None = None) -> LoRA:
     adapter = _adapter_options(source, metadata, config_file)
-    fam = _lora_family(weights)
+    fam = _lora_family(weights, metadata, source)
     targets, unmatched = lora.parse_lora(weights, fam, adapter=adapter, source=str(source))
     skipped = _check_unmatched(unmatched, strict, source, "LoRA", f"{fam.name} module")
     if not targets:
@@ -184,7 +209,7 @@ def _lora(weights: dict, *, kind: str | None, source: Path, metadata: dict, stri
     kind = kind or metadata.get("weightlab.kind") or _guess_lora_kind(targets, source, metadata)
     if kind not in ("style", "image_accel", "motion_lora"):
         raise WeightlabError(f"{source}: a LoRA can be kind style, image_accel or motion_lora, not {kind!r}.")
-    motion_targets = [p for p in targets if ".motion_modules." in p]
+    motion_targets = [p for p in targets if is_motion_key(p)]
     if kind == "motion_lora" and len(motion_targets) != len(targets):
         raise WeightlabError(f"{source}: a motion LoRA may only target motion-module weights; found spatial targets "
                              f"{fmt_keys([p for p in targets if p not in motion_targets])}.")
@@ -233,11 +258,32 @@ def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = Fals
                           skipped=skipped, strict=strict)
     if "conv_in.weight" in weights:
         return _full_unet(weights, stored_cfg, kind=kind, source=path, metadata=metadata, skipped=[], strict=strict)
-    if any(".motion_modules." in k or k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in weights):
+    if any(is_motion_key(k) or k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in weights):
         return _motion(weights, config=stored_cfg, kind=kind, source=path, metadata=metadata, strict=strict)
     raise UnmatchedKeysError(
         f"{path}: not a recognised UNet, LoRA or motion-module file (first keys: {fmt_keys(list(weights), 5)}). "
         "Fix: pass a Stable Diffusion UNet checkpoint, a LoRA (PEFT/diffusers/kohya keys) or an AnimateDiff motion module.", list(weights))
+
+
+def pipeline_dir(base: Base, *, tokenizer: str | Path | None = None) -> Path:
+    """The diffusers pipeline folder that gives a base its text encoder, tokenizer, VAE and scheduler: the folder it
+    was loaded from, or, for a single-file checkpoint that carries its CLIP and VAE, one built from the file with
+    diffusers' converters (`weightlab.formats.single_file.pipeline_folder`, cached; ``tokenizer``: a tokenizer folder,
+    else the family's in the Hugging Face cache).
+
+    Raises:
+        MissingComponentError: the base holds only a UNet, or no tokenizer is found (the message says how to get one).
+    """
+    if base.pipeline_dir is not None:
+        return base.pipeline_dir
+    source = Path(base.source)
+    if source.is_file() and sniff(source) is not None:
+        weights, metadata = read_weights(source)
+        if single_file.components(weights):
+            return single_file.pipeline_folder(source, weights, metadata, base.family, tokenizer=tokenizer)
+    raise MissingComponentError(
+        f"{source}: holds a UNet only; sampling also needs a text encoder, tokenizer and VAE. Fix: use a diffusers "
+        "pipeline folder or a single-file checkpoint with its CLIP and VAE as the base, or pass pipeline_dir=DIR.")
 
 
 def _json_object(text: str, where: str) -> dict:

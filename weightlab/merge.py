@@ -12,7 +12,8 @@ Rules (DESIGN.md "Merge engine semantics"):
 - the per-tensor arithmetic is :func:`weightlab.kernels.merge` (fused Triton kernel on CUDA, PyTorch otherwise).
 
 Entry points: :class:`Merger` (in place into a live diffusers UNet), :func:`build_unet`, :func:`merge_to_file`
-and :func:`merge_to_folder` (streamed, one tensor at a time).
+and :func:`merge_to_folder` (streamed, one tensor at a time). Sources are paths; a registry reference needs the
+registry's resolver (``resolve=``, see :func:`resolve_path`).
 """
 
 from __future__ import annotations
@@ -21,29 +22,31 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-from weightlab.errors import RecipeError, ShapeMismatchError, UnmatchedKeysError, WeightlabError, fmt_keys
-from weightlab.families import best_family, check_fits
-from weightlab.files import release_pages
+from weightlab.errors import (RecipeError, ShapeMismatchError, UnmatchedKeysError, UnresolvedSourceError, WeightlabError,
+                              fmt_keys)
+from weightlab.families import best_family, check_fits, is_motion_key
+from weightlab.files import release_pages, torch_dtype
+from weightlab.kinds import KIND_ORDER
 from weightlab.loading import load
 from weightlab.methods import get_method
-from weightlab.recipe import KIND_ORDER, Recipe
+from weightlab.recipe import Recipe
 from weightlab.residuals import Base, Dense, LoRA, LoRATarget, MotionModule, Residual
 
 log = logging.getLogger(__name__)
 PROJ_OUT = re.compile(r"\.motion_modules\.\d+\.proj_out\.(weight|bias)$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-RESIDUAL_KINDS = {"style": (LoRA, Dense), "image_accel": (LoRA,), "motion": (MotionModule,), "motion_lora": (LoRA,)}
+TERM_TYPES = {"style": (LoRA, Dense), "image_accel": (LoRA,), "motion": (MotionModule,), "motion_lora": (LoRA,)}
+Resolver = Callable[[str], Path]  # a recipe source -> the local file or folder it names
 
 
-@dataclass
+@dataclass(eq=False)
 class Input:
-    """One resolved term: the residual, its role and its scale."""
+    """One resolved term: the residual, its role and its scale. Compared by identity (a residual holds tensors)."""
 
     residual: Residual
     kind: str
@@ -61,7 +64,11 @@ def _structure(res: Residual) -> dict[str, int | None]:
 
 @dataclass
 class Composition:
-    """Pristine values plus terms, validated; produces one :class:`~weightlab.kernels.MergeItem` per tensor."""
+    """Pristine values plus terms, validated; produces one :class:`~weightlab.kernels.MergeItem` per tensor.
+
+    It keeps its own copies of the ``pristine`` mapping and of each :class:`Input` (canonically ordered;
+    ``order[i]`` is the position in the given list of ``inputs[i]``), so nothing it does changes the caller's.
+    """
 
     pristine: dict[str, torch.Tensor]  # w0 per key: base weights, then motion-module weights
     inputs: list[Input]
@@ -70,12 +77,14 @@ class Composition:
     method_args: dict = field(default_factory=dict)
     family: str | None = "sd15"  # the base's; None: the model fits no known family, shapes alone decide
     touching: dict[str, list[int]] = field(default_factory=dict)
+    order: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Canonical order: identical (kind, source, scale) terms contribute identical values, so ties are harmless.
-        order = sorted(range(len(self.inputs)),
-                       key=lambda i: (KIND_ORDER[self.inputs[i].kind], self.inputs[i].source, self.inputs[i].scale, i))
-        self.inputs = [self.inputs[i] for i in order]
+        self.order = sorted(range(len(self.inputs)),
+                            key=lambda i: (KIND_ORDER[self.inputs[i].kind], self.inputs[i].source, self.inputs[i].scale, i))
+        self.inputs = [replace(self.inputs[i]) for i in self.order]
+        self.pristine = dict(self.pristine)
         self._combine = get_method(self.method)
         self._validate()
 
@@ -90,14 +99,14 @@ class Composition:
             raise RecipeError("a recipe can hold one motion module; got " + ", ".join(t.source for t in motions))
         for i, t in enumerate(self.inputs):
             res = t.residual
-            if not isinstance(res, RESIDUAL_KINDS[t.kind]):
+            if not isinstance(res, TERM_TYPES[t.kind]):
                 raise RecipeError(f"{t.source}: a {type(res).__name__} cannot be a {t.kind!r} term. Fix: check the term's kind.")
             if self.family is not None:
                 check_fits(_structure(res), res.family, self.family, what=t.source or "a term")
             keys = res.target_keys
             missing = [k for k in keys if k not in self.shapes]
             if missing:
-                hint = " (motion keys need a motion term or a video base)" if any(".motion_modules." in k for k in missing) else ""
+                hint = " (motion keys need a motion term or a video base)" if any(is_motion_key(k) for k in missing) else ""
                 raise UnmatchedKeysError(f"{t.source}: {len(missing)} key(s) not in the model{hint}: {fmt_keys(missing)}.", missing)
             self._check_shapes(t)
             res.check_finite()
@@ -135,16 +144,16 @@ class Composition:
 
     def to(self, device: torch.device, keys: Iterable[str]) -> None:
         """Keep the pristine values of ``keys`` and every term tensor on ``device`` (CUDA: the fused kernel
-        then reads only device memory; the pristine copy is the "kept copy" of DESIGN.md)."""
+        then reads only device memory; the pristine copy is the "kept copy" of DESIGN.md). The caller's
+        residuals stay where they are: the terms get copies."""
         for k in keys:
             self.pristine[k] = self.pristine[k].to(device)
         for t in self.inputs:
             res = t.residual
             if isinstance(res, LoRA):
-                for f in res.targets.values():
-                    f.to_device(device)
+                t.residual = replace(res, targets={p: f.to(device) for p, f in res.targets.items()})
             elif t.kind != "motion":
-                res.weights = {k: v.to(device) for k, v in res.weights.items()}
+                t.residual = replace(res, weights={k: v.to(device) for k, v in res.weights.items()})
 
     def term_keys(self, index: int) -> set[str]:
         """Keys whose merged value depends on term ``index`` (an index into the canonical ``inputs``)."""
@@ -202,24 +211,27 @@ def _release(item) -> None:
     release_pages(item.w0, *(t for down, up, _ in item.loras for t in (down, up)), *(w for w, _ in item.denses))
 
 
-def resolve_source(source: str) -> Path:
-    """A path, or a registry reference (``ns/name@version``, ``ns/name:alias``) resolved to its file."""
+def resolve_path(source: str) -> Path:
+    """The default resolver: a recipe source that is a path, as a path. The merge engine resolves nothing else;
+    registry references are resolved by the registry (:class:`weightlab.registry.resolve.LocalResolver`), which
+    the CLI, the job runners and the demo pass as ``resolve=``.
+
+    Raises:
+        UnresolvedSourceError: no such file or folder.
+    """
     p = Path(source).expanduser()
     if p.exists():
         return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+([@:][\w.-]+)?", source):
-        try:
-            from weightlab.registry.service import Registry
-            from weightlab.registry.schemas import check_finite
-        except ImportError as e:  # registry not installed/available
-            raise RecipeError(f"{source!r} is not a file and the registry is unavailable: {e}") from None
-        with Registry() as reg:
-            return reg.path(check_finite(reg.get(source)).ref)
-    raise RecipeError(f"{source!r}: no such file or folder, and not a registry reference (ns/name@version). Fix: check the path.")
+    raise UnresolvedSourceError(
+        f"{source!r}: no such file or folder (the merge engine resolves paths only). Fix: check the path; for a "
+        "registry reference (ns/name@version, ns/name:alias), pass the registry's resolver, e.g. "
+        "`with LocalResolver() as resolve: merge_to_file(recipe, out, resolve=resolve)` "
+        "(weightlab.registry.resolve), or use the `weightlab` CLI, which resolves references.")
 
 
-def load_inputs(recipe: Recipe, *, resolve: Callable[[str], Path] = resolve_source) -> tuple[Base, list[Input]]:
-    """Load the base and every term of a recipe (memory-mapped; nothing merged yet)."""
+def load_inputs(recipe: Recipe, *, resolve: Resolver = resolve_path) -> tuple[Base, list[Input]]:
+    """Load the base and every term of a recipe (memory-mapped; nothing merged yet); ``resolve`` turns each source
+    into a path."""
     base = load(resolve(recipe.base), kind="base")
     inputs = []
     for t in recipe.terms:
@@ -239,17 +251,30 @@ def _composition(base: Base, inputs: list[Input], shapes: dict[str, tuple[int, .
     return Composition(pristine, inputs, shapes, method, dict(method_args or {}), family=base.family)
 
 
+def _join_motion(unet, base: Base, motion: MotionModule):
+    """``UNetMotionModel.from_unet2d`` on the meta device, after refusing a motion module of another family
+    (diffusers' own refusal is a bare ValueError)."""
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    check_fits({k: v.dim() for k, v in motion.weights.items()}, motion.family, base.family, what=str(motion.source))
+    try:
+        return UNetMotionModel.from_unet2d(unet, MotionAdapter.from_config(motion.config), load_weights=False)
+    except ValueError as e:
+        raise ShapeMismatchError(f"{motion.source}: diffusers cannot join this motion module to the base's UNet ({e}). "
+                                 "Fix: use a motion module made for the base's block layout.") from None
+
+
 def _model_for(base: Base, motion: MotionModule | None, *, device: str | torch.device = "meta",
                dtype: torch.dtype = torch.float32):
     """An uninitialised diffusers UNet for the base (+ motion) config on ``device`` (``meta``: shapes only)."""
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+    from diffusers import UNet2DConditionModel, UNetMotionModel
 
     with torch.device("meta"):
         if base.has_motion:
             model = UNetMotionModel.from_config(base.config)
         else:
             unet = UNet2DConditionModel.from_config(base.config)
-            model = unet if motion is None else UNetMotionModel.from_unet2d(unet, MotionAdapter.from_config(motion.config), load_weights=False)
+            model = unet if motion is None else _join_motion(unet, base, motion)
     model = torch.nn.Module.to(model, dtype)  # not diffusers.ModelMixin.to: it warns about fp32-kept modules
     if str(device) != "meta":
         model = model.to_empty(device=device)
@@ -285,7 +310,7 @@ class Merger:
                                            family=None if misfits else fam.name)
         else:
             self.composition = _composition(base, list(inputs), shapes, method, method_args)
-        self._order = list(inputs)
+        self._position = sorted(range(len(inputs)), key=self.composition.order.__getitem__)  # given -> canonical
         device = next(iter(self._params.values())).device
         if device.type == "cuda":
             self.composition.to(device, self.touched)
@@ -294,7 +319,7 @@ class Merger:
     def touched(self) -> set[str]:
         keys = set(self.composition.touching)
         if self.composition.motion is not None:
-            keys |= self.composition.term_keys(self.composition.inputs.index(self.composition.motion))
+            keys |= self.composition.term_keys(self.composition.inputs.index(self.composition.motion))  # by identity
         return keys
 
     def _write(self, keys: Iterable[str]) -> None:
@@ -325,12 +350,17 @@ class Merger:
         return self.apply()
 
     def set_scale(self, index: int, scale: float) -> "Merger":
-        """Change term ``index`` (in the order given) and re-merge only the tensors it touches."""
+        """Change term ``index`` (in the order given) and re-merge only the tensors it touches. The caller's
+        :class:`Input` keeps its scale: the merger changes its own copy."""
         if not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
             raise WeightlabError(f"scale must be a finite number, got {scale!r}.")
-        term = self._order[index]
-        term.scale = float(scale)
-        self._write(self.composition.term_keys(self.composition.inputs.index(term)) & set(self._params))
+        try:
+            canonical = self._position[index]
+        except (IndexError, TypeError):
+            raise WeightlabError(f"no term {index!r}: the merger has {len(self._position)} term(s), numbered from 0 "
+                                 "in the order given. Fix: pass the index of one of them.") from None
+        self.composition.inputs[canonical].scale = float(scale)
+        self._write(self.composition.term_keys(canonical) & set(self._params))
         return self
 
     def restore(self) -> "Merger":
@@ -339,14 +369,15 @@ class Merger:
         return self
 
 
-def build_unet(recipe: Recipe, *, backend: str = "auto", resolve: Callable[[str], Path] = resolve_source):
+def build_unet(recipe: Recipe, *, backend: str = "auto", resolve: Resolver = resolve_path):
     """Load a recipe's inputs and return a merged diffusers UNet (``UNetMotionModel`` if there is motion).
 
-    The model is created empty (no random init) and every tensor is written once from the pristine base.
+    The model is created empty (no random init) and every tensor is written once from the pristine base;
+    ``resolve`` turns each source into a path (:func:`resolve_path`: paths only).
     """
     base, inputs = load_inputs(recipe, resolve=resolve)
     motion = next((t.residual for t in inputs if t.kind == "motion"), None)
-    model = _model_for(base, motion, device=recipe.device, dtype=DTYPES[recipe.dtype])
+    model = _model_for(base, motion, device=recipe.device, dtype=torch_dtype(recipe.dtype))
     merger = Merger(model, base, inputs, method=recipe.method, method_args=recipe.method_args, backend=backend)
     merger.load_all()
     return model
@@ -370,7 +401,7 @@ def _provenance(recipe: Recipe, base: Base, inputs: list[Input]) -> dict[str, st
     }
 
 
-def _stream(recipe: Recipe, out: Path, *, backend: str, progress: bool, resolve: Callable[[str], Path]):
+def _stream(recipe: Recipe, out: Path, *, backend: str, progress: bool, resolve: Resolver):
     from weightlab.kernels import merge
     from weightlab.streaming import StreamWriter
 
@@ -380,7 +411,7 @@ def _stream(recipe: Recipe, out: Path, *, backend: str, progress: bool, resolve:
     meta_model = _model_for(base, motion)
     shapes = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
     comp = _composition(base, inputs, shapes, recipe.method, recipe.method_args)
-    dtype = DTYPES[recipe.dtype]
+    dtype = torch_dtype(recipe.dtype)
     with StreamWriter(out, {k: (dtype, shapes[k]) for k in shapes}) as writer:
         writer.begin(_provenance(recipe, base, inputs))
         for key in writer.progress(enabled=progress, desc="merge"):
@@ -394,7 +425,7 @@ def _stream(recipe: Recipe, out: Path, *, backend: str, progress: bool, resolve:
 
 
 def merge_to_file(recipe: Recipe, out: str | Path, *, backend: str = "auto", progress: bool = True,
-                  resolve: Callable[[str], Path] = resolve_source) -> dict:
+                  resolve: Resolver = resolve_path) -> dict:
     """Stream the merged UNet into one ``.safetensors`` file, tensor by tensor (bounded memory), atomically.
 
     Returns ``{"path", "output_hash", "seconds", "tensors", "bytes"}``. The file's ``__metadata__`` carries the
@@ -404,7 +435,7 @@ def merge_to_file(recipe: Recipe, out: str | Path, *, backend: str = "auto", pro
 
 
 def merge_to_folder(recipe: Recipe, out: str | Path, *, backend: str = "auto", progress: bool = True,
-                    resolve: Callable[[str], Path] = resolve_source) -> dict:
+                    resolve: Resolver = resolve_path) -> dict:
     """A diffusers model folder (``UNetMotionModel`` with a motion term, else ``UNet2DConditionModel``):
     ``config.json`` + streamed ``diffusion_pytorch_model.safetensors`` + ``recipe.json``."""
     out = Path(out)

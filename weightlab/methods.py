@@ -18,14 +18,16 @@ LoRAs are always expanded to ``ΔW = B·A`` first; factors are never averaged se
 
 from __future__ import annotations
 
+import difflib
 import hashlib
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from weightlab.errors import RecipeError
 
-Combine = Callable[..., torch.Tensor]
+if TYPE_CHECKING:  # torch is imported by the methods themselves, so recipes validate method names without it
+    import torch
+
+Combine = Callable[..., "torch.Tensor"]
 METHODS: dict[str, Combine | None] = {"linear": None}
 
 
@@ -40,11 +42,16 @@ def method(name: str):
 
 
 def get_method(name: str) -> Combine | None:
-    if name not in METHODS:
-        import difflib
+    """The combine function registered as ``name`` (None for ``linear``).
 
+    Raises:
+        RecipeError: no method has that name; the message suggests the nearest registered name.
+    """
+    if name not in METHODS:
         near = difflib.get_close_matches(name, METHODS, n=1)
-        raise RecipeError(f"unknown merge method {name!r}{f'; did you mean {near[0]!r}' if near else ''}? Known: {', '.join(METHODS)}.")
+        raise RecipeError(f"unknown merge method {name!r}{f'; did you mean {near[0]!r}' if near else ''}? Known: "
+                          f"{', '.join(METHODS)}. Fix: name one of them, or register yours first with "
+                          "@weightlab.methods.method(name).")
     return METHODS[name]
 
 
@@ -54,6 +61,8 @@ def _seed_for(key: str, seed: int) -> int:
 
 @method("ties")
 def ties(deltas: list[torch.Tensor], *, key: str, density: float = 0.2) -> torch.Tensor:
+    import torch
+
     if not 0 < density <= 1:
         raise RecipeError(f"ties: density must be in (0, 1], got {density}.")
     stacked = torch.stack([d.flatten() for d in deltas])
@@ -69,6 +78,8 @@ def ties(deltas: list[torch.Tensor], *, key: str, density: float = 0.2) -> torch
 
 @method("dare")
 def dare(deltas: list[torch.Tensor], *, key: str, density: float = 0.5, seed: int = 0) -> torch.Tensor:
+    import torch
+
     if not 0 < density <= 1:
         raise RecipeError(f"dare: density must be in (0, 1], got {density}.")
     g = torch.Generator().manual_seed(_seed_for(key, int(seed)))
@@ -81,6 +92,8 @@ def dare(deltas: list[torch.Tensor], *, key: str, density: float = 0.5, seed: in
 
 @method("svd")
 def svd(deltas: list[torch.Tensor], *, key: str, rank: int = 64) -> torch.Tensor:
+    import torch
+
     total = torch.stack(deltas).sum(0)
     mat = total.reshape(total.shape[0], -1)
     if int(rank) >= min(mat.shape):

@@ -32,16 +32,18 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, get_args
 
 import torch
 
 from weightlab.errors import ExportError
-from weightlab.onnx_runtime import MANIFEST, create_session, read_manifest
+from weightlab.onnx_manifest import MANIFEST, ExportDtype, Graph, OnnxManifest, Pipeline, Verification
+from weightlab.onnx_runtime import create_session
 from weightlab.video import animatelcm_scheduler, load_unet, merged_unet, vae_dtype
 
 log = logging.getLogger(__name__)
 GRAPH, DATA = "model.onnx", "model.onnx.data"
-EXPORT_DTYPES = ("float32", "float16")
+EXPORT_DTYPES = get_args(ExportDtype)
 EXPORT_ENTRIES = {MANIFEST, "unet", "text_encoder", "vae_decoder", "tokenizer", "scheduler", "trt_cache"}
 # Verification passes when max|onnx - torch| <= atol + rtol * max|torch|. fp32 runs the same arithmetic in another
 # order (the tiny family differs by ~1e-7); fp16 rounds every op to 11 bits on both sides, in different places.
@@ -264,7 +266,7 @@ def _describe(spec: _Spec, folder: Path) -> dict:
     }
 
 
-def _verify(spec: _Spec, folder: Path, dtype: str) -> dict:
+def _verify(spec: _Spec, folder: Path, dtype: str) -> Verification:
     """Run every verification case through ONNX Runtime and PyTorch; raise if they differ beyond tolerance."""
     device = next(spec.module.parameters()).device
     provider = "cuda" if device.type == "cuda" else "cpu"
@@ -287,21 +289,21 @@ def _verify(spec: _Spec, folder: Path, dtype: str) -> dict:
         max_abs, max_rel = max(max_abs, err), max(max_rel, err / scale if scale else 0.0)
         cases.append({k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "sha256": _tensor_sha256(v)}
                       for k, v in inputs.items()})
-    return {"provider": provider, "seed": VERIFY_SEED, "cases": cases, "max_abs_err": max_abs, "max_rel_err": max_rel,
-            "rel_err": "max|onnx - torch| / max|torch| per case", "atol": atol, "rtol": rtol}
+    return Verification(provider=provider, seed=VERIFY_SEED, cases=cases, max_abs_err=max_abs, max_rel_err=max_rel,
+                        rel_err="max|onnx - torch| / max|torch| per case", atol=atol, rtol=rtol)
 
 
-def _export(spec: _Spec, folder: Path, *, opset: int | None, verify: bool) -> dict:
+def _export(spec: _Spec, folder: Path, *, opset: int | None, verify: bool) -> Graph:
     seconds = _export_graph(spec, folder, opset)
-    entry = {**_describe(spec, folder), "export_seconds": seconds}
+    entry = Graph(**_describe(spec, folder), export_seconds=seconds)
     if verify:
         dtype = str(next(spec.module.parameters()).dtype).removeprefix("torch.")
-        entry["verification"] = _verify(spec, folder, dtype)
+        entry.verification = _verify(spec, folder, dtype)
     log.info("exported %s in %.1f s", spec.name, seconds)
     return entry
 
 
-def export_unet(unet, folder: str | Path, *, text_len: int = 77, opset: int | None = None, verify: bool = True) -> dict:
+def export_unet(unet, folder: str | Path, *, text_len: int = 77, opset: int | None = None, verify: bool = True) -> Graph:
     """Export one ``UNetMotionModel`` (its own dtype and device) to ``folder/model.onnx`` + ``model.onnx.data``.
 
     The building block of :func:`export_onnx`, for a UNet you already hold (benchmarks, custom assemblies).
@@ -313,7 +315,7 @@ def export_unet(unet, folder: str | Path, *, text_len: int = 77, opset: int | No
         opset (int | None, default None): ONNX opset; the exporter's default when None.
         verify (bool, default True): compare with PyTorch on seeded random inputs.
     Returns:
-        dict: shapes, dynamic dimensions, opset, sizes, initializer table, export seconds and verification errors
+        Graph: shapes, dynamic dimensions, opset, sizes, initializer table, export seconds and verification errors
         (the ``models["unet"]`` entry of a manifest; its paths are relative to ``folder``'s parent).
     """
     if str(unet.dtype).removeprefix("torch.") not in EXPORT_DTYPES:
@@ -330,10 +332,8 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def _write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / MANIFEST)
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _source_name(source) -> str | None:
@@ -348,7 +348,8 @@ def _recipe_fields(recipe, unet) -> dict:
 
 
 def export_onnx(source, out_dir: str | Path, *, dtype: str = "float32", pipeline_dir: str | Path | None = None,
-                device: str | None = None, opset: int | None = None, verify: bool = True, progress: bool = True) -> dict:
+                device: str | None = None, opset: int | None = None, verify: bool = True,
+                progress: bool = True, resolve: Callable[[str], Path] | None = None) -> OnnxManifest:
     """Export the merged UNetMotionModel, the text encoder and the VAE decoder to ONNX, verified against PyTorch.
 
     Args:
@@ -361,8 +362,10 @@ def export_onnx(source, out_dir: str | Path, *, dtype: str = "float32", pipeline
         opset (int | None, default None): ONNX opset; the exporter's default when None.
         verify (bool, default True): compare every graph with PyTorch on seeded random inputs (at two shapes).
         progress (bool, default True): a progress bar over the three models.
+        resolve (Callable[[str], Path] | None, default None): turns the recipe's sources into paths; None resolves
+            paths only (registry references: :class:`weightlab.registry.resolve.LocalResolver`).
     Returns:
-        dict: the manifest (also written to ``out_dir/manifest.json``).
+        OnnxManifest: the manifest (also written to ``out_dir/manifest.json``).
     Raises:
         ExportError: export failed, a dynamic dimension froze, or ONNX Runtime disagrees with PyTorch.
     """
@@ -380,7 +383,7 @@ def export_onnx(source, out_dir: str | Path, *, dtype: str = "float32", pipeline
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the folder is incomplete until the new manifest is written
 
-    unet, folder, recipe = load_unet(source, pipeline_dir=pipeline_dir, dtype=dtype, device=device)
+    unet, folder, recipe = load_unet(source, pipeline_dir=pipeline_dir, dtype=dtype, device=device, resolve=resolve)
     device = unet.device
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=unet.dtype).to(device).eval()
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype(folder / "vae", unet.dtype)).to(device).eval()
@@ -395,19 +398,17 @@ def export_onnx(source, out_dir: str | Path, *, dtype: str = "float32", pipeline
              _vae_decoder_spec(vae)]
     models = {spec.name: _export(spec, out / spec.name, opset=opset, verify=verify)
               for spec in tqdm(specs, desc="export onnx", disable=not progress)}
-    manifest = {
-        "format": "weightlab.onnx", "version": 1, "dtype": dtype, "opset": models["unet"]["opset"],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(), "source": _source_name(source), **_recipe_fields(recipe, unet),
-        "pipeline": {
-            "latent_channels": unet.config.in_channels, "sample_size": unet.config.sample_size,
-            "max_frames": unet.config.motion_max_seq_length, "text_max_length": text_len,
-            "text_hidden_size": text_encoder.config.hidden_size, "vae_scaling_factor": vae.config.scaling_factor,
-            "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1), "vae_out_channels": vae.config.out_channels,
-            "vae_dtype": str(vae.dtype).removeprefix("torch.")},
-        "models": models,
-    }
-    _write_manifest(out, manifest)
+    manifest = OnnxManifest(
+        dtype=dtype, opset=models["unet"].opset, created=_now(), versions=_versions(), source=_source_name(source),
+        **_recipe_fields(recipe, unet),
+        pipeline=Pipeline(
+            latent_channels=unet.config.in_channels, sample_size=unet.config.sample_size,
+            max_frames=unet.config.motion_max_seq_length, text_max_length=text_len,
+            text_hidden_size=text_encoder.config.hidden_size, vae_scaling_factor=vae.config.scaling_factor,
+            vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1), vae_out_channels=vae.config.out_channels,
+            vae_dtype=str(vae.dtype).removeprefix("torch.")),
+        models=models)
+    manifest.write(out)
     return manifest
 
 
@@ -416,18 +417,19 @@ def _write_initializers(data: Path, table: dict, state: dict[str, torch.Tensor])
     new = data.with_name(data.name + ".new")
     shutil.copyfile(data, new)
     with open(new, "r+b") as f:
-        for name, entry in sorted(table.items(), key=lambda kv: kv[1]["offset"]):
+        for name, entry in sorted(table.items(), key=lambda kv: kv[1].offset):
             if name not in state:
                 continue
             raw = state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-            f.seek(entry["offset"])
+            f.seek(entry.offset)
             f.write(memoryview(raw))
         f.flush()
         os.fsync(f.fileno())
     return new
 
 
-def reweight_onnx(onnx_dir: str | Path, source, *, device: str | None = None, verify: bool = True) -> dict:
+def reweight_onnx(onnx_dir: str | Path, source, *, device: str | None = None, verify: bool = True,
+                  resolve: Callable[[str], Path] | None = None) -> OnnxManifest:
     """Re-merge ``source`` (new α/β/γ) into an existing export, rewriting only the UNet's external-data file.
 
     The graph file stays byte-identical (checked before and after). The new weights must match the export's
@@ -439,26 +441,28 @@ def reweight_onnx(onnx_dir: str | Path, source, *, device: str | None = None, ve
         source (Recipe | str | Path): the new recipe, recipe file or merged folder (same base architecture).
         device (str | None, default None): where to merge and verify.
         verify (bool, default True): verify the new weights against PyTorch.
+        resolve (Callable[[str], Path] | None, default None): turns the recipe's sources into paths (see
+            :func:`export_onnx`).
     Returns:
-        dict: the updated manifest.
+        OnnxManifest: the updated manifest (also written).
     Example:
         >>> reweight_onnx("export/", recipe.with_scale(0, 0.5))   # doctest: +SKIP
     """
     folder = Path(onnx_dir)
-    manifest = read_manifest(folder)
-    entry = manifest["models"]["unet"]
-    graph, data = folder / entry["graph"], folder / entry["data"]
-    if _sha256(graph) != entry["graph_sha256"]:
+    manifest = OnnxManifest.read(folder)
+    entry = manifest.models["unet"]
+    graph, data = folder / entry.graph, folder / entry.data
+    if _sha256(graph) != entry.graph_sha256:
         raise ExportError(f"{graph} changed since it was exported (hash differs from the manifest). "
                           "Fix: re-export with `weightlab export onnx`.")
-    unet, recipe = merged_unet(source, dtype=manifest["dtype"], device=device)
+    unet, recipe = merged_unet(source, dtype=manifest.dtype, device=device, resolve=resolve)
     state = unet.state_dict()
-    table = entry["initializers"]
-    bad = [f"{k} ({list(state[k].shape)} {str(state[k].dtype).removeprefix('torch.')} vs {e['shape']} {e['dtype']})"
-           for k, e in table.items() if k in state and (list(state[k].shape) != e["shape"]
-                                                        or str(state[k].dtype).removeprefix("torch.") != e["dtype"])]
-    missing = [k for k in table if k not in state and k not in entry["constants"]]
-    extra = [k for k in state if k not in table and k not in entry["unused"]]
+    table = entry.initializers
+    bad = [f"{k} ({list(state[k].shape)} {str(state[k].dtype).removeprefix('torch.')} vs {e.shape} {e.dtype})"
+           for k, e in table.items() if k in state and (list(state[k].shape) != e.shape
+                                                        or str(state[k].dtype).removeprefix("torch.") != e.dtype)]
+    missing = [k for k in table if k not in state and k not in entry.constants]
+    extra = [k for k in state if k not in table and k not in entry.unused]
     if bad or missing or extra:
         raise ExportError(f"{source}: its merged model does not fit this export's initializers ({len(bad)} differ, "
                           f"{len(missing)} missing, {len(extra)} new: {', '.join((bad + missing + extra)[:5])}). "
@@ -469,17 +473,17 @@ def reweight_onnx(onnx_dir: str | Path, source, *, device: str | None = None, ve
     os.replace(new, data)
     try:
         if verify:
-            text_len = manifest["pipeline"]["text_max_length"]
-            entry["verification"] = _verify(_unet_spec(unet, text_len), folder / "unet", manifest["dtype"])
+            text_len = manifest.pipeline.text_max_length
+            entry.verification = _verify(_unet_spec(unet, text_len), folder / "unet", manifest.dtype)
     except BaseException:
         os.replace(old, data)
         raise
     old.unlink()
-    if _sha256(graph) != entry["graph_sha256"]:
+    if _sha256(graph) != entry.graph_sha256:
         raise ExportError(f"{graph}: the graph file changed while re-weighting; this is a bug. Fix: re-export.")
-    entry["bytes"]["data"] = data.stat().st_size
-    manifest.update(_recipe_fields(recipe, unet), source=_source_name(source),
-                    reweighted=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    _write_manifest(folder, manifest)
+    entry.bytes.data = data.stat().st_size
+    manifest = manifest.model_copy(update={**_recipe_fields(recipe, unet), "source": _source_name(source),
+                                           "reweighted": _now()})
+    manifest.write(folder)
     return manifest
 

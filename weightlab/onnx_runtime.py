@@ -1,7 +1,7 @@
 """ONNX Runtime sampling of an export written by :func:`weightlab.onnx_export.export_onnx`.
 
 :class:`OnnxVideoPipeline` has :class:`weightlab.video.VideoPipeline`'s call signature and returns the same
-:class:`~weightlab.video.Clip`. It needs only torch, diffusers (the scheduler), transformers (the tokenizer) and
+:class:`~weightlab.sampling.Clip`. It needs only torch, diffusers (the scheduler), transformers (the tokenizer) and
 onnxruntime. Execution providers: CUDA with IO binding when a GPU and ``onnxruntime-gpu`` are present (TensorRT on
 request), the CPU otherwise. Every model input and output is a torch tensor bound in place (IO binding, on the
 ORT compute stream shared with torch), and the scheduler (LCM, or the DDIM/DPM-Solver++ baselines) runs in torch on
@@ -19,22 +19,13 @@ import time
 from pathlib import Path
 
 from weightlab.errors import ExportError, WeightlabError
+from weightlab.onnx_manifest import OnnxManifest
 from weightlab.schedules import NoiseSchedule, make_scheduler
-from weightlab.video import (DECODE_CHUNK, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Clip,
-                             check_request, postprocess, sync)
+from weightlab.sampling import (DECODE_CHUNK, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Clip,
+                                check_request, postprocess, sync)
 
-MANIFEST = "manifest.json"
 PROVIDERS = ("auto", "cuda", "tensorrt", "cpu")
 _EP = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "cpu": "CPUExecutionProvider"}
-
-
-def read_manifest(onnx_dir: str | Path) -> dict:
-    """The ``manifest.json`` of an export folder (written last, so its presence marks a complete export)."""
-    path = Path(onnx_dir) / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{onnx_dir}: no {MANIFEST}; not a complete weightlab ONNX export. "
-                          "Fix: run `weightlab export onnx --recipe R.yaml --out DIR` (again, if it was interrupted).")
-    return json.loads(path.read_text())
 
 
 def resolve_provider(provider: str = "auto") -> str:
@@ -141,23 +132,27 @@ class OnnxVideoPipeline:
         from transformers import CLIPTokenizer
 
         self.dir = Path(onnx_dir)
-        self.manifest = read_manifest(self.dir)
+        self.manifest = OnnxManifest.read(self.dir)
         self.provider = resolve_provider(provider)
         self.device = torch.device("cuda", device_id) if self.provider != "cpu" else torch.device("cpu")
-        self.dtype = getattr(torch, self.manifest["dtype"])
-        self.config = self.manifest["pipeline"]
-        fp16 = self.manifest["dtype"] == "float16"
-        models = self.manifest["models"]
+        self.dtype = getattr(torch, self.manifest.dtype)
+        self.config = self.manifest.pipeline
+        fp16 = self.manifest.dtype == "float16"
+        models = self.manifest.models
+        missing = [name for name in ("text_encoder", "vae_decoder") if name not in models]
+        if missing:
+            raise ExportError(f"{self.dir}: the manifest lists no {' or '.join(missing)} graph, so this export cannot "
+                              "sample. Fix: export with `weightlab export onnx`, which writes all three graphs.")
         self.unet, self.text_encoder, self.vae_decoder = (
-            BoundModel(create_session(self.dir / models[name]["graph"], self.provider, device_id=device_id, fp16=fp16,
-                                      cache_dir=self.dir / "trt_cache" / self.manifest["weights_sha256"][:16]), self.device)
+            BoundModel(create_session(self.dir / models[name].graph, self.provider, device_id=device_id, fp16=fp16,
+                                      cache_dir=self.dir / "trt_cache" / self.manifest.weights_sha256[:16]), self.device)
             for name in ("unet", "text_encoder", "vae_decoder"))
         self.tokenizer = CLIPTokenizer.from_pretrained(self.dir / "tokenizer")
         self.scheduler = LCMScheduler.from_config(json.loads((self.dir / "scheduler" / "scheduler_config.json").read_text()))
 
     def check_recipe(self, recipe) -> None:
         """Refuse to sample ``recipe`` from an export of another recipe (its weights would be wrong)."""
-        have = self.manifest.get("recipe_hash")
+        have = self.manifest.recipe_hash
         if recipe is not None and have != recipe.hash:
             raise ExportError(f"{self.dir} holds the weights of recipe {have}, not {recipe.hash}. "
                               f"Fix: `weightlab export reweight --onnx {self.dir} --recipe R.yaml` (no re-export needed).")
@@ -165,19 +160,19 @@ class OnnxVideoPipeline:
     def _encode(self, text: str):
         import torch
 
-        ids = self.tokenizer(text, padding="max_length", max_length=self.config["text_max_length"], truncation=True,
+        ids = self.tokenizer(text, padding="max_length", max_length=self.config.text_max_length, truncation=True,
                              return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder((ids.shape[0], ids.shape[1], self.config["text_hidden_size"]), self.dtype,
+        return self.text_encoder((ids.shape[0], ids.shape[1], self.config.text_hidden_size), self.dtype,
                                  input_ids=ids.to(torch.int64))
 
     def _decode(self, latents):
         import torch
 
         b, c, f, h, w = latents.shape
-        factor = self.config["vae_scale_factor"]
-        dtype = getattr(torch, self.config["vae_dtype"])
-        flat = (1 / self.config["vae_scaling_factor"] * latents.to(dtype)).permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        chunks = [self.vae_decoder((len(x), self.config["vae_out_channels"], h * factor, w * factor), dtype, latents=x)
+        factor = self.config.vae_scale_factor
+        dtype = getattr(torch, self.config.vae_dtype)
+        flat = (1 / self.config.vae_scaling_factor * latents.to(dtype)).permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        chunks = [self.vae_decoder((len(x), self.config.vae_out_channels, h * factor, w * factor), dtype, latents=x)
                   for x in flat.split(DECODE_CHUNK)]
         video = torch.cat(chunks)
         return video.reshape(b, f, *video.shape[1:]).permute(0, 2, 1, 3, 4)
@@ -190,11 +185,11 @@ class OnnxVideoPipeline:
         from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
 
-        cfg, factor = self.config, self.config["vae_scale_factor"]
-        height = height or cfg["sample_size"] * factor
-        width = width or cfg["sample_size"] * factor
+        cfg, factor = self.config, self.config.vae_scale_factor
+        height = height or cfg.sample_size * factor
+        width = width or cfg.sample_size * factor
         check_request(sampler=sampler, frames=frames, steps=steps, guidance=guidance, height=height, width=width,
-                      max_frames=cfg["max_frames"], scheduler_config=self.scheduler.config, multiple=8 * factor)
+                      max_frames=cfg.max_frames, scheduler_config=self.scheduler.config, multiple=8 * factor)
         device, do_cfg = self.device, guidance > 1.0
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -213,7 +208,7 @@ class OnnxVideoPipeline:
             if hasattr(scheduler, "final_alpha_cumprod"):
                 scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
             generator = torch.Generator(device).manual_seed(seed)
-            shape = (1, cfg["latent_channels"], frames, height // factor, width // factor)
+            shape = (1, cfg.latent_channels, frames, height // factor, width // factor)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype) * scheduler.init_noise_sigma
             for t in tqdm(scheduler.timesteps, desc="denoise", disable=not progress):
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)

@@ -1,8 +1,10 @@
 """Recipes: a frozen, hashable description of one merge (AnimateLCM Eq. 2), executed by :mod:`weightlab.merge`.
 
 A recipe names a base and ordered terms ``(source, kind, scale)``; sources are paths or registry references
-(``ns/name@version``, ``ns/name:alias``, ``ns/name``). Term order never changes the result: the engine sorts
-terms canonically, and the hash is computed over that canonical order.
+(``ns/name@version``, ``ns/name:alias``, ``ns/name``; the merge engine reads paths, and the registry's resolver
+``weightlab.registry.resolve.LocalResolver`` turns references into paths). ``method`` names a method of the registry
+in :mod:`weightlab.methods` (``linear`` by default). Term order never changes the result: the engine sorts terms
+canonically, and the hash is computed over that canonical order.
 
 Example (YAML):
     base: ~/.weightlab/tiny/base
@@ -24,11 +26,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from weightlab.errors import RecipeError
+from weightlab.files import COMPUTE_DTYPES
+from weightlab.kinds import KIND_ORDER, TermKind
+from weightlab.methods import get_method
 
-Kind = Literal["style", "image_accel", "motion", "motion_lora"]
-KIND_ORDER = {"style": 0, "image_accel": 1, "motion": 2, "motion_lora": 3}
-Method = Literal["linear", "ties", "dare", "svd"]
-DType = Literal["float32", "float16", "bfloat16"]
+DType = Literal[*COMPUTE_DTYPES]
 
 
 class Term(BaseModel):
@@ -36,7 +38,7 @@ class Term(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     source: str
-    kind: Kind
+    kind: TermKind
     scale: float = 1.0
 
     @field_validator("scale")
@@ -54,10 +56,19 @@ class Recipe(BaseModel):
     version: Literal[1] = 1
     base: str
     terms: tuple[Term, ...] = ()
-    method: Method = "linear"
+    method: str = "linear"  # a name in the method registry (`weightlab.methods`), checked when the recipe is made
     method_args: dict[str, float | int] = Field(default_factory=dict)
     dtype: DType = "float32"
     device: str = "cpu"
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        try:
+            get_method(name)
+        except RecipeError as e:  # a ValueError, so pydantic reports it as a validation error of `method`
+            raise ValueError(str(e)) from None
+        return name
 
     @property
     def canonical_terms(self) -> tuple[Term, ...]:

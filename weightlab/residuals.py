@@ -12,18 +12,17 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 
 from weightlab.errors import NonFiniteError, WeightlabError, fmt_keys
+from weightlab.families import is_motion_key
 from weightlab.files import release_pages
 from weightlab.formats import algebra as algebras
 
-Kind = Literal["base", "style", "image_accel", "motion", "motion_lora"]
-KINDS: tuple[str, ...] = ("base", "style", "image_accel", "motion", "motion_lora")
 META_PREFIX = "weightlab."
 
 
@@ -119,9 +118,9 @@ class AdapterTarget(ABC):
             out[f"{path}.{'dora_scale' if self.dora == 'lycoris' else 'lora_magnitude_vector'}"] = self.magnitude
         return out
 
-    def to_device(self, device: torch.device) -> None:
-        """Move every tensor to ``device`` in place."""
-        self.magnitude = None if self.magnitude is None else self.magnitude.to(device)
+    def to(self, device: torch.device) -> AdapterTarget:
+        """A copy with every tensor on ``device``; this target is unchanged."""
+        return replace(self, magnitude=None if self.magnitude is None else self.magnitude.to(device))
 
 
 @dataclass
@@ -151,9 +150,8 @@ class LoRATarget(AdapterTarget):
             return f"up {tuple(self.up.shape)} @ down {tuple(self.down.shape)} vs weight {tuple(shape)}"
         return None
 
-    def to_device(self, device):
-        super().to_device(device)
-        self.down, self.up = self.down.to(device), self.up.to(device)
+    def to(self, device):
+        return replace(super().to(device), down=self.down.to(device), up=self.up.to(device))
 
 
 @dataclass
@@ -199,9 +197,8 @@ class FactorTarget(AdapterTarget):
         why = self._def.check(self.factor_map, tuple(shape))
         return None if why is None else f"{self.algebra} `{self.name}`: {why}"
 
-    def to_device(self, device):
-        super().to_device(device)
-        self.factor_map = {k: v.to(device) for k, v in self.factor_map.items()}
+    def to(self, device):
+        return replace(super().to(device), factor_map={k: v.to(device) for k, v in self.factor_map.items()})
 
 
 def _all_finite(v: torch.Tensor) -> bool:
@@ -284,7 +281,7 @@ class Base(Weights):
 
     @property
     def has_motion(self) -> bool:
-        return any(".motion_modules." in k for k in self.weights)
+        return any(is_motion_key(k) for k in self.weights)
 
 
 @dataclass

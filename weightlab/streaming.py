@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from weightlab.errors import WeightlabError
+from weightlab.files import safetensors_dtype
 
-_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 HASH_KEY = "weightlab.output_hash"
 _PLACEHOLDER = "0" * 64
 
@@ -51,7 +50,7 @@ class StreamWriter:
         doc = {"__metadata__": metadata}
         for k in self.order:
             dtype, shape = self.layout[k]
-            doc[k] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": list(self._offsets[k])}
+            doc[k] = {"dtype": safetensors_dtype(dtype), "shape": list(shape), "data_offsets": list(self._offsets[k])}
         raw = json.dumps(doc, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         return len(raw).to_bytes(8, "little") + raw
@@ -79,7 +78,7 @@ class StreamWriter:
             self._header_len = len(self._header(self._meta_placeholder))
             self._f.write(b"\0" * self._header_len)
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self._hash.update(json.dumps([name, _ST_NAMES[dtype], list(shape)]).encode())
+        self._hash.update(json.dumps([name, safetensors_dtype(dtype), list(shape)]).encode())
         self._hash.update(data)
         self._f.write(memoryview(data))
         self._next += 1

@@ -359,6 +359,8 @@ def build_onnx_stub(folder: str | Path) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    from weightlab.onnx_manifest import Graph, OnnxManifest, Pipeline
+
     unet = Path(folder) / "unet"
     unet.mkdir(parents=True, exist_ok=True)
     weight = numpy_helper.from_array(np.arange(4 * 4 * 3 * 3, dtype=np.float32).reshape(4, 4, 3, 3) / 100,
@@ -370,10 +372,17 @@ def build_onnx_stub(folder: str | Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.save_model(model, str(unet / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
                     size_threshold=0)
-    manifest = {"format": "weightlab.onnx", "version": 1, "dtype": "float32", "opset": 18, "pipeline": {},
-                "models": {"unet": {"graph": "unet/model.onnx", "data": "unet/model.onnx.data",
-                                    "graph_sha256": hashlib.sha256((unet / "model.onnx").read_bytes()).hexdigest(),
-                                    "inputs": {"sample": ["batch", 4, 8, 8]}, "outputs": {"noise_pred": ["batch", 4, 8, 8]},
-                                    "constants": []}}}
-    (Path(folder) / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    data = (unet / "model.onnx.data").stat().st_size
+    entry = Graph(graph="unet/model.onnx", data="unet/model.onnx.data",
+                  graph_sha256=hashlib.sha256((unet / "model.onnx").read_bytes()).hexdigest(),
+                  bytes={"graph": (unet / "model.onnx").stat().st_size, "data": data}, opset=18,
+                  inputs={"sample": ["batch", 4, 8, 8]}, outputs={"noise_pred": ["batch", 4, 8, 8]},
+                  dynamic={"sample": {"0": "batch"}}, notes="a registry test stub, not a model",
+                  initializers={"conv_in.weight": {"offset": 0, "length": data, "dtype": "float32", "shape": [4, 4, 3, 3]}},
+                  constants=[], unused=[], export_seconds=0.0)
+    # The pipeline sizes are those of the stub's one graph (4 latent channels, 8x8 latents); nothing samples with it.
+    pipeline = Pipeline(latent_channels=4, sample_size=8, max_frames=1, text_max_length=1, text_hidden_size=1,
+                        vae_scaling_factor=1.0, vae_scale_factor=1, vae_out_channels=3, vae_dtype="float32")
+    OnnxManifest(dtype="float32", opset=18, created="2026-01-01T00:00:00+00:00", versions={}, weights_sha256="0" * 64,
+                 pipeline=pipeline, models={"unet": entry}).write(folder)
     return Path(folder)

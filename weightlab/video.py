@@ -6,7 +6,8 @@ AnimateLCM's own config. Defaults follow the paper: 16 frames, 4 steps, guidance
 DDIM and DPM-Solver++ (``sampler="ddim"|"dpmpp"``) sample models that are not consistency-distilled, with any CFG,
 under the same linear schedule (:mod:`weightlab.schedules`). A consistency-distilled residual of the recipe recorded
 under another schedule is refused. :class:`weightlab.onnx_runtime.OnnxVideoPipeline` has the same call signature and
-returns the same :class:`Clip`.
+returns the same :class:`~weightlab.sampling.Clip`; the request checks and defaults both share live in
+:mod:`weightlab.sampling`.
 
 Example:
     >>> pipe = VideoPipeline.from_source("recipe.yaml")            # doctest: +SKIP
@@ -19,22 +20,22 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from weightlab.errors import RecipeError, SamplingError, WeightlabError
-from weightlab.schedules import SAMPLERS, NoiseSchedule, check_distilled, make_scheduler, sampling_schedule
+from weightlab.errors import RecipeError, WeightlabError
+from weightlab.sampling import (DECODE_CHUNK, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Clip,
+                                check_request, postprocess, sync)
+from weightlab.schedules import NoiseSchedule, check_distilled, make_scheduler, sampling_schedule
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from weightlab.merge import Resolver
     from weightlab.recipe import Recipe
 
-DEFAULT_FRAMES, DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_FPS, DEFAULT_SAMPLER = 16, 4, 1.0, 8, "lcm"
-MAX_GUIDANCE = 2.0  # LCM sampler only: consistency models are sampled without CFG or with mild CFG
-DECODE_CHUNK = 16  # frames per VAE decode call, as diffusers' AnimateDiffPipeline
+DEFAULT_FPS = 8
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -46,39 +47,18 @@ class VideoUNet(NamedTuple):
     recipe: "Recipe | None"
 
 
-@dataclass
-class Clip:
-    """One sampled clip.
-
-    Attributes:
-        video (np.ndarray): ``(F, H, W, 3)`` float32 in [0, 1], before quantisation (compare clips with this).
-        latents (torch.Tensor): the final latents ``(1, C, F, h, w)``.
-        seconds (dict[str, float]): ``encode`` (prompt), ``denoise`` (the step loop, as the paper times it),
-            ``decode`` (VAE), ``total``.
-    """
-
-    video: "np.ndarray"
-    latents: "torch.Tensor"
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def frames(self) -> "np.ndarray":
-        """``(F, H, W, 3)`` uint8 frames, ready for :func:`write_video`."""
-        import numpy as np
-
-        return np.round(self.video * 255.0).astype(np.uint8)
-
-
 def torch_dtype(dtype: "str | torch.dtype | None", default: str = "float32") -> "torch.dtype":
     """``"float16"``/``"float32"``/``"bfloat16"`` (or a torch dtype, or None for ``default``) -> torch dtype."""
     import torch
 
+    from weightlab.files import COMPUTE_DTYPES, torch_dtype as from_name
+
     if isinstance(dtype, torch.dtype):
         return dtype
     name = dtype or default
-    if name not in ("float32", "float16", "bfloat16"):
-        raise WeightlabError(f"unknown dtype {name!r}. Fix: use float32, float16 or bfloat16.")
-    return getattr(torch, name)
+    if name not in COMPUTE_DTYPES:
+        raise WeightlabError(f"unknown dtype {name!r}. Fix: use {', '.join(COMPUTE_DTYPES[:-1])} or {COMPUTE_DTYPES[-1]}.")
+    return from_name(name)
 
 
 def _dtype_name(dtype) -> str | None:
@@ -97,18 +77,18 @@ def _scheduler_config(folder: Path) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def check_schedules(recipe: "Recipe", base_config: dict | None = None) -> None:
+def check_schedules(recipe: "Recipe", base_config: dict | None = None, *, resolve: "Resolver | None" = None) -> None:
     """Refuse a recipe with a consistency-distilled residual recorded under another noise schedule than the video
     sampler's (:func:`weightlab.schedules.sampling_schedule` of the base's ``base_config``). Only safetensors headers
-    are read."""
+    are read; ``resolve`` turns sources into paths (None: paths only, :func:`weightlab.merge.resolve_path`)."""
     from weightlab.files import read_header
     from weightlab.inspect import weights_file
-    from weightlab.merge import resolve_source
+    from weightlab.merge import resolve_path
 
     want = sampling_schedule(base_config)
     for term in recipe.terms:
         try:
-            file = weights_file(resolve_source(term.source))
+            file = weights_file((resolve or resolve_path)(term.source))
         except WeightlabError:  # a merged folder may outlive its inputs; a recipe's missing input fails in the merge
             continue
         if file.suffix == ".safetensors":
@@ -131,14 +111,15 @@ def _recipe_of(source) -> "Recipe | None":
     return Recipe.from_file(file)
 
 
-def _base_pipeline_dir(recipe: "Recipe") -> Path | None:
-    from weightlab.loading import load
-    from weightlab.merge import resolve_source
+def _base_pipeline_dir(recipe: "Recipe", resolve: "Resolver | None", tokenizer: str | Path | None = None) -> Path:
+    from weightlab.loading import load, pipeline_dir
+    from weightlab.merge import resolve_path
 
-    return load(resolve_source(recipe.base), kind="base").pipeline_dir
+    return pipeline_dir(load((resolve or resolve_path)(recipe.base), kind="base"), tokenizer=tokenizer)
 
 
-def merged_unet(source, *, dtype: "str | torch.dtype | None" = None, device: str | None = None):
+def merged_unet(source, *, dtype: "str | torch.dtype | None" = None, device: str | None = None,
+                resolve: "Resolver | None" = None):
     """The merged ``UNetMotionModel`` (eval mode) of a recipe, a recipe file or a merged folder, and its recipe.
 
     This is the one place where weightlab's merge engine is called for video (:func:`weightlab.build_unet`).
@@ -148,6 +129,8 @@ def merged_unet(source, *, dtype: "str | torch.dtype | None" = None, device: str
             written by :func:`weightlab.merge_to_folder` (whose ``recipe.json`` is returned when present).
         dtype (str | torch.dtype | None, default None): the model dtype; the recipe's (or float32) when None.
         device (str | None, default None): where to build the model; the recipe's (or cpu) when None.
+        resolve (Resolver | None, default None): turns a recipe's sources into paths; None resolves paths only
+            (registry references need :class:`weightlab.registry.resolve.LocalResolver`).
     Returns:
         tuple: ``(unet, recipe or None)``.
     """
@@ -162,10 +145,10 @@ def merged_unet(source, *, dtype: "str | torch.dtype | None" = None, device: str
                               "a recipe, or the folder `weightlab merge --out DIR` wrote for a recipe with a motion term.")
         unet = UNetMotionModel.from_pretrained(folder, torch_dtype=torch_dtype(dtype)).to(device or "cpu")
     elif recipe is not None:
-        from weightlab.merge import build_unet
+        from weightlab.merge import build_unet, resolve_path
 
         recipe = recipe.model_copy(update={k: v for k, v in (("dtype", _dtype_name(dtype)), ("device", device)) if v})
-        unet = build_unet(recipe)
+        unet = build_unet(recipe, resolve=resolve or resolve_path)
     else:
         raise RecipeError(f"{source}: neither a recipe file ({', '.join(RECIPE_SUFFIXES)}) nor a merged model folder. "
                           "Fix: pass a recipe, or the folder written by `weightlab merge --out DIR`.")
@@ -176,15 +159,17 @@ def merged_unet(source, *, dtype: "str | torch.dtype | None" = None, device: str
 
 
 def load_unet(source, *, pipeline_dir: str | Path | None = None, dtype: "str | torch.dtype | None" = None,
-              device: str | None = None) -> VideoUNet:
+              device: str | None = None, resolve: "Resolver | None" = None,
+              tokenizer: str | Path | None = None) -> VideoUNet:
     """:func:`merged_unet` plus the diffusers pipeline folder that provides ``text_encoder/``, ``tokenizer/``,
-    ``vae/`` and ``scheduler/``: ``pipeline_dir`` when given, else the recipe base's folder. The recipe's residuals
-    are checked against the sampler's noise schedule first (:func:`check_schedules`)."""
+    ``vae/`` and ``scheduler/``: ``pipeline_dir`` when given, else the recipe base's folder (a single-file base's is
+    built from the file, with ``tokenizer`` or the family's cached one: `weightlab.loading.pipeline_dir`). The
+    recipe's residuals are checked against the sampler's noise schedule first (:func:`check_schedules`)."""
     recipe = _recipe_of(source)
-    folder = Path(pipeline_dir) if pipeline_dir else (_base_pipeline_dir(recipe) if recipe else None)
+    folder = Path(pipeline_dir) if pipeline_dir else (_base_pipeline_dir(recipe, resolve, tokenizer) if recipe else None)
     if recipe is not None and folder is not None:
-        check_schedules(recipe, _scheduler_config(folder))
-    unet, recipe = merged_unet(source, dtype=dtype, device=device)
+        check_schedules(recipe, _scheduler_config(folder), resolve=resolve)
+    unet, recipe = merged_unet(source, dtype=dtype, device=device, resolve=resolve)
     if folder is None or not all((folder / sub).is_dir() for sub in ("text_encoder", "tokenizer", "vae")):
         raise WeightlabError(f"no pipeline folder with text_encoder/, tokenizer/ and vae/ for {source!s} (found {folder}). "
                              "Fix: use a diffusers pipeline folder as the recipe's base, or pass pipeline_dir=.")
@@ -217,52 +202,6 @@ def build_pipeline(unet, pipeline_dir: str | Path, *, device: str | None = None)
     return pipe.to(device)
 
 
-def check_request(*, sampler: str, frames: int, steps: int, guidance: float, height: int, width: int, max_frames: int,
-                  scheduler_config: dict, multiple: int) -> None:
-    """Refuse what the model cannot sample, with the fix (shared by the PyTorch and ONNX pipelines).
-
-    ``scheduler_config`` is the LCM scheduler's config (``original_inference_steps``, ``num_train_timesteps``).
-    """
-    if sampler not in SAMPLERS:
-        raise SamplingError(f"sampler={sampler!r} is unknown. Fix: use one of {', '.join(SAMPLERS)}.")
-    if not 1 <= frames <= max_frames:
-        raise SamplingError(
-            f"frames={frames}: this motion module's positional table holds {max_frames} frames "
-            "(motion_max_seq_length), so one window samples 1 to that many. "
-            f"Fix: pass frames <= {max_frames} (e.g. --frames 16, the trained length).")
-    if sampler == "lcm":
-        max_steps, grid = scheduler_config["original_inference_steps"], "original_inference_steps"
-    else:
-        max_steps, grid = scheduler_config["num_train_timesteps"], "num_train_timesteps"
-    if not 1 <= steps <= max_steps:
-        raise SamplingError(f"steps={steps}: the {sampler} sampler takes 1 to {max_steps} steps ({grid}). "
-                            "Fix: use 4 (AnimateLCM's default) or another value in range.")
-    if guidance < 1.0:
-        raise SamplingError(f"guidance={guidance}: 1.0 samples without CFG, above 1.0 with CFG; below 1.0 means "
-                            "nothing here. Fix: use 1.0 or more.")
-    if sampler == "lcm" and guidance > MAX_GUIDANCE:
-        raise SamplingError(f"guidance={guidance}: consistency-distilled video models are sampled with the lcm sampler "
-                            f"without CFG (1.0) or with mild CFG up to {MAX_GUIDANCE}; higher values burn the frames. "
-                            f"Fix: use 1.0–{MAX_GUIDANCE}, or sampler ddim/dpmpp for a model that is not "
-                            "consistency-distilled (e.g. guidance 7.5).")
-    if height % multiple or width % multiple or height < 2 * multiple or width < 2 * multiple:
-        raise SamplingError(f"{height}x{width}: height and width must be multiples of {multiple} (VAE factor x 8), "
-                            f"at least {2 * multiple}. Fix: e.g. {8 * multiple}x{8 * multiple}.")
-
-
-def postprocess(video: "torch.Tensor") -> "np.ndarray":
-    """VAE output ``(1, 3, F, H, W)`` in [-1, 1] -> ``(F, H, W, 3)`` float32 in [0, 1] (diffusers' postprocessing)."""
-    return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy()
-
-
-def sync(device) -> None:
-    """Wait for queued GPU work so wall-clock timings are true."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class VideoPipeline:
     """PyTorch sampling with diffusers' ``AnimateDiffPipeline`` (see :func:`build_pipeline`).
 
@@ -278,9 +217,11 @@ class VideoPipeline:
 
     @classmethod
     def from_source(cls, source, *, pipeline_dir: str | Path | None = None, dtype: "str | torch.dtype | None" = None,
-                    device: str | None = None) -> "VideoPipeline":
+                    device: str | None = None, resolve: "Resolver | None" = None,
+                    tokenizer: str | Path | None = None) -> "VideoPipeline":
         """Assemble from a recipe, recipe file or merged folder (see :func:`load_unet`)."""
-        unet, folder, _ = load_unet(source, pipeline_dir=pipeline_dir, dtype=dtype, device=device)
+        unet, folder, _ = load_unet(source, pipeline_dir=pipeline_dir, dtype=dtype, device=device, resolve=resolve,
+                                    tokenizer=tokenizer)
         return cls(build_pipeline(unet, folder, device=device))
 
     @property
@@ -360,7 +301,8 @@ def write_video(frames: "np.ndarray", path: str | Path, *, fps: int = DEFAULT_FP
 
 
 def generate(source, prompt: str, out: str | Path, *, onnx_dir: str | Path | None = None, provider: str = "auto",
-             gif: bool = True, fps: int = DEFAULT_FPS, device: str | None = None, **sampling) -> dict:
+             gif: bool = True, fps: int = DEFAULT_FPS, device: str | None = None, resolve: "Resolver | None" = None,
+             tokenizer: str | Path | None = None, **sampling) -> dict:
     """Sample a clip and write ``out`` (MP4) and, with ``gif``, the same clip as ``out`` with ``.gif``.
 
     Args:
@@ -373,6 +315,8 @@ def generate(source, prompt: str, out: str | Path, *, onnx_dir: str | Path | Non
         gif (bool, default True): also write a GIF next to the MP4.
         fps (int, default 8): frames per second of the written files.
         device (str | None, default None): PyTorch device (ONNX: chosen from the available providers).
+        resolve (Resolver | None, default None): turns the recipe's sources into paths (see :func:`merged_unet`).
+        tokenizer (str | Path | None, default None): tokenizer folder for a single-file base (see :func:`load_unet`).
         **sampling: ``frames``, ``steps``, ``guidance``, ``seed``, ``height``, ``width``, ``negative_prompt``, ``progress``,
             ``sampler``.
     Returns:
@@ -391,7 +335,7 @@ def generate(source, prompt: str, out: str | Path, *, onnx_dir: str | Path | Non
     elif source is None:
         raise WeightlabError("nothing to sample from. Fix: pass a recipe/merged folder, or --onnx DIR.")
     else:
-        pipe = VideoPipeline.from_source(source, device=device)
+        pipe = VideoPipeline.from_source(source, device=device, resolve=resolve, tokenizer=tokenizer)
         backend = f"pytorch ({pipe.device})"
     clip = pipe(prompt, **sampling)
     frames = clip.frames

@@ -2,7 +2,8 @@
 
 Stateless over the registry (database + blob store), so several processes or machines can serve one
 PostgreSQL + S3 registry. Each process also runs ``job_workers`` job worker threads on the shared queue.
-Every :class:`~weightlab.errors.WeightlabError` becomes a 4xx JSON body ``{"detail": ..., "error": ...}``.
+Every :class:`~weightlab.errors.WeightlabError` becomes its class's ``http_status`` with an
+:class:`~weightlab.registry.schemas.ErrorBody` (message, class name, fields).
 
 Example:
     >>> app = create_app(ServerSettings(database_url="sqlite:////tmp/r.db"))   # doctest: +SKIP
@@ -20,42 +21,22 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 import weightlab
-from weightlab.errors import (FamilyMismatchError, FileFormatError, NonFiniteError, NotFoundError, RecipeError,
-                              ShapeMismatchError, UnmatchedKeysError, UnsafeFileError, WeightlabError)
-from weightlab.registry.service import DuplicateVersionError, Registry
-from weightlab.registry.auth import AuthenticationError, PermissionDeniedError
+from weightlab.errors import WeightlabError
 from weightlab.registry.config import ServerSettings
-from weightlab.registry.jobs import JobSpecError, Worker
-from weightlab.registry.schemas import JSON_LIMITS, MetadataError
+from weightlab.registry.jobs import Worker
+from weightlab.registry.schemas import JSON_LIMITS, ErrorBody, Health, error_classes
 from weightlab.registry.server.routes import ROUTERS
-from weightlab.registry.server.schemas import ErrorBody, Health
-from weightlab.registry.server.transfer import UnsupportedMediaTypeError, UploadTooLargeError
-from weightlab.registry.store import HashMismatchError
+from weightlab.registry.service import Registry
 
 API_PREFIX = "/api/v1"
 THREADS = 128  # request handlers run in threads (database and file work); downloads hold one while they stream
-
-# The first match (in order) decides the status.
-STATUS: list[tuple[type[WeightlabError], int]] = [
-    (AuthenticationError, 401), (PermissionDeniedError, 403), (NotFoundError, 404), (DuplicateVersionError, 409),
-    (UploadTooLargeError, 413), (UnsafeFileError, 415), (UnsupportedMediaTypeError, 415), (HashMismatchError, 400),
-    (FileFormatError, 422), (UnmatchedKeysError, 422), (FamilyMismatchError, 422), (ShapeMismatchError, 422),
-    (NonFiniteError, 422), (RecipeError, 422), (JobSpecError, 422), (MetadataError, 422), (WeightlabError, 400),
-]
-_ERRORS = {code: {"model": ErrorBody} for code in sorted({c for _, c in STATUS})}
-
-
-def status_of(error: WeightlabError) -> int:
-    return next(code for cls, code in STATUS if isinstance(error, cls))
+_ERRORS = {code: {"model": ErrorBody} for code in sorted({cls.http_status for cls in error_classes().values()})}
 
 
 async def _weightlab_error(request: Request, error: WeightlabError) -> JSONResponse:
-    status = status_of(error)
-    body = ErrorBody(detail=str(error), error=type(error).__name__,
-                     version=error.version if isinstance(error, DuplicateVersionError) else None)
+    status = error.http_status
     headers = {"www-authenticate": "Bearer"} if status == 401 else None
-    content = body.model_dump(mode="json", exclude={"version"} if body.version is None else None)
-    return JSONResponse(content, status_code=status, headers=headers)
+    return JSONResponse(ErrorBody.of(error).model_dump(mode="json"), status_code=status, headers=headers)
 
 
 def create_app(settings: ServerSettings | None = None, *, registry: Registry | None = None) -> FastAPI:

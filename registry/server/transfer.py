@@ -30,7 +30,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from weightlab.errors import RegistryError
+from weightlab.errors import RegistryError, UploadTooLargeError
 from weightlab.registry.store import BlobStore
 
 CHUNK = 4 * 1024 * 1024
@@ -54,14 +54,6 @@ async def run_bulk(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     future = asyncio.get_running_loop().run_in_executor(_BULK, functools.partial(fn, *args, **kwargs))
     with anyio.CancelScope(shield=True):
         return await future
-
-
-class UploadTooLargeError(RegistryError):
-    """The request body is larger than the server accepts (HTTP 413)."""
-
-
-class UnsupportedMediaTypeError(RegistryError):
-    """The request body is not sent as raw bytes (HTTP 415)."""
 
 
 @contextmanager

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from weightlab.errors import FamilyMismatchError
-from weightlab.families import SD2, SD15, SDXL, check_fits, detect_family, infer_motion_config
+from weightlab.families import SD2, SD15, SDXL, check_fits, detect_family, infer_motion_config, is_motion_key
 from weightlab.formats import ldm, motion
 from weightlab.formats.lora import parse_lora
 from weightlab.formats.ldm import diffusers_to_ldm as diffusers_to_ldm_unet
@@ -86,3 +86,17 @@ def test_full_size_sd2_unet_is_named_as_sd2():
     assert detect_family({k: len(s) for k, s in SD2.unet_shapes.items()}) is SD2
     assert {k for k, s in SD2.unet_shapes.items() if len(s) != len(SD15.unet_shapes[k])} == {
         k for k in SD15.unet_shapes if ".proj_in.weight" in k or ".proj_out.weight" in k}
+
+
+def test_is_motion_key_splits_a_full_size_unet_motion_model():
+    """Against diffusers' own models: every parameter a ``MotionAdapter`` holds is a motion key once joined to the
+    UNet, and no parameter of ``UNet2DConditionModel`` is."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15.unet_config)
+        joined = UNetMotionModel.from_unet2d(unet, MotionAdapter(**SD15.motion_config), load_weights=False)
+    spatial = set(unet.state_dict())
+    motion = set(joined.state_dict()) - spatial
+    assert motion and all(is_motion_key(k) for k in motion)
+    assert not any(is_motion_key(k) for k in spatial)

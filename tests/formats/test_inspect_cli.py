@@ -14,9 +14,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from weightlab.cli import app
-from weightlab.cli.inspect import inspect_table
 from weightlab.files import state_dict_hash
-from weightlab.inspect import inspect_path
+from weightlab.inspect import inspect_path, inspect_table
 
 runner = CliRunner()
 

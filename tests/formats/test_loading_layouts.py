@@ -13,7 +13,6 @@ from weightlab.errors import FamilyMismatchError, FileFormatError, UnmatchedKeys
 from weightlab.families import SD15
 from weightlab.residuals import Base, Dense, LoRA, MotionModule
 from weightlab.testing import LCM_LORA_TARGETS, STYLE_TARGETS, TINY_MOTION_CONFIG
-from weightlab.formats.motion import to_original_names
 
 # TinyFamily field -> (class, detected kind, kind declared to load); a full checkpoint is a Dense only when declared.
 LAYOUTS = {

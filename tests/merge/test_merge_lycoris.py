@@ -88,7 +88,7 @@ def test_merge_matches_lycoris_merge_to(tiny, base_unet, tmp_path, case):
     if algebra != "lora":  # `weightlab inspect`'s table names the algebra next to the representation
         from rich.console import Console
 
-        from weightlab.cli.inspect import inspect_table
+        from weightlab.inspect import inspect_table
 
         console = Console(width=400, record=True, file=io.StringIO())
         console.print(inspect_table([inspect_path(tmp_path / "lyco.safetensors")]))

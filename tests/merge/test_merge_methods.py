@@ -144,3 +144,27 @@ def test_full_rank_svd_is_linear_and_methods_need_style_terms(tiny, engine_terms
     assert max((linear[k] - wide_svd[k]).abs().max().item() for k in linear) < 1e-5
     with pytest.raises(RecipeError):
         build_unet(Recipe(base=str(tiny.base_dir), terms=terms[2:], method="ties"))
+
+
+def test_a_registered_method_can_be_named_in_a_recipe(tiny, engine_terms, monkeypatch):
+    """A method registered with ``@method`` is a valid recipe method, and the engine runs it: here the element-wise
+    mean of the style deltas, against fp64 math (tolerance as in the test above: a few fp32 ULPs of the largest term;
+    running another method would move entries by a whole delta)."""
+    from weightlab import methods
+
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))  # the registration ends with this test
+
+    @methods.method("mean")
+    def mean(deltas, *, key):
+        return torch.stack(deltas).mean(0)
+
+    terms, inputs = engine_terms
+    merged = build_unet(Recipe(base=str(tiny.base_dir), terms=terms, method="mean")).state_dict()
+    for key, (w0, styles, accel) in inputs.items():
+        ref = w0 + torch.stack(styles).mean(0) + accel
+        scale = max(t.abs().max().item() for t in (ref, w0, accel, *styles))
+        assert (merged[key].double() - ref).abs().max().item() <= 8 * torch.finfo(torch.float32).eps * scale, key
+    with pytest.raises(RecipeError, match="did you mean 'mean'"):
+        Recipe.from_dict({"base": str(tiny.base_dir), "method": "maen"})
+    with pytest.raises(ValueError, match="already registered"):
+        methods.method("mean")(mean)

@@ -73,3 +73,20 @@ def test_recipe_round_trip_and_errors(tiny, tmp_path):
     with pytest.raises(WeightlabError, match="did you mean"):
         from weightlab.methods import get_method
         get_method("tie")
+
+
+def test_one_kind_vocabulary_for_recipes_engine_and_registry():
+    """Kinds are defined once (`weightlab.kinds`): a recipe term takes exactly the engine's term kinds, and the
+    registry stores those plus ``base`` and ``onnx``."""
+    from typing import get_args
+
+    from weightlab.kinds import ARTIFACT_KINDS, KINDS, TERM_KINDS
+    from weightlab.merge import TERM_TYPES
+    from weightlab.registry.schemas import Kind
+
+    assert tuple(TERM_TYPES) == TERM_KINDS and KINDS == ("base", *TERM_KINDS)
+    assert get_args(Kind) == ARTIFACT_KINDS == (*KINDS, "onnx")
+    for kind in TERM_KINDS:
+        assert Recipe(base="b", terms=[Term(source="s", kind=kind)]).terms[0].kind == kind
+    with pytest.raises(RecipeError, match="kind"):
+        Recipe.from_dict({"base": "b", "terms": [{"source": "s", "kind": "base"}]})

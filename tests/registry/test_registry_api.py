@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from weightlab.errors import FileFormatError, NotFoundError, RegistryError, UnsafeFileError, WeightlabError
-from weightlab.registry import Derivation, DuplicateVersionError, HashMismatchError, LineageInput, Ref
+from weightlab.errors import (DuplicateVersionError, FileFormatError, HashMismatchError, NotFoundError, RegistryError,
+                              UnsafeFileError, WeightlabError)
+from weightlab.registry import Derivation, LineageInput, Ref
 
 
 def variant(src: Path, dst: Path, *, factor: float = 1.0, metadata: dict | None = None) -> Path:
@@ -237,7 +238,7 @@ def test_pickles_need_opt_in_and_are_stored_as_safetensors(sqlite_reg, tiny, tmp
 
 def test_registry_kinds_match_the_sdk():
     from weightlab.registry.schemas import KINDS
-    from weightlab.residuals import KINDS as SDK_KINDS
+    from weightlab.kinds import KINDS as SDK_KINDS
 
     assert KINDS == (*SDK_KINDS, "onnx")  # the residual roles, plus ONNX exports (folders, not residuals)
 

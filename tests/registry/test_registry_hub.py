@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from weightlab.errors import NotFoundError, RegistryError
-from weightlab.registry import HashMismatchError
+from weightlab.errors import HashMismatchError, NotFoundError, RegistryError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -86,8 +86,9 @@ def test_finiteness_is_recorded_shown_and_refused_by_merges(db_url, home, tiny, 
     from weightlab.merge import merge_to_file
     from weightlab.recipe import Recipe, Term
     from weightlab.registry import Registry
+    from weightlab.registry.resolve import LocalResolver
 
-    monkeypatch.setenv("WEIGHTLAB_DB_URL", db_url)  # what the CLI and merge's registry references open
+    monkeypatch.setenv("WEIGHTLAB_DB_URL", db_url)  # what the CLI and the registry's resolver open
     nan = _all_nan(tiny.style_lora_kohya, tmp_path / "nan.safetensors")
     with Registry() as reg:
         reg.add(tiny.base_ldm, name="me/base")
@@ -102,11 +103,12 @@ def test_finiteness_is_recorded_shown_and_refused_by_merges(db_url, home, tiny, 
     assert json.loads(inspected.stdout)["finite"] is False
     assert json.loads(runner.invoke(app, ["inspect", str(tiny.style_lora_kohya), "--json"]).stdout)["finite"] is True
     recipe = Recipe(base="me/base@1", terms=[Term(source="me/nan", kind="style", scale=1.0)])
-    with pytest.raises(NonFiniteError, match=r"me/nan@1 holds NaN or Inf values \(found when it was added\)"):
-        merge_to_file(recipe, tmp_path / "out.safetensors", progress=False)
-    assert not (tmp_path / "out.safetensors").exists()
-    ok = Recipe(base="me/base@1", terms=[Term(source="me/style", kind="style", scale=1.0)])
-    assert merge_to_file(ok, tmp_path / "ok.safetensors", progress=False)["tensors"] > 0
+    with LocalResolver() as resolve:  # merges by registry name, as the CLI does
+        with pytest.raises(NonFiniteError, match=r"me/nan@1 holds NaN or Inf values \(found when it was added\)"):
+            merge_to_file(recipe, tmp_path / "out.safetensors", progress=False, resolve=resolve)
+        assert not (tmp_path / "out.safetensors").exists()
+        ok = Recipe(base="me/base@1", terms=[Term(source="me/style", kind="style", scale=1.0)])
+        assert merge_to_file(ok, tmp_path / "ok.safetensors", progress=False, resolve=resolve)["tensors"] > 0
 
 
 def test_upgrading_a_0002_database_keeps_its_versions_with_finiteness_unknown(db_url, home):

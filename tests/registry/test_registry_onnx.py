@@ -89,3 +89,17 @@ def test_kind_and_shape_mismatches(sqlite_reg, stub, tiny, tmp_path):
     with pytest.raises(RegistryError, match="is a single file"):
         sqlite_reg.add(tiny.style_lora_kohya, name="me/x", kind="onnx")
     assert sqlite_reg.search(all_versions=True) == []
+
+
+def test_manifest_and_onnx_checks_import_without_torch_or_sqlalchemy(stub):
+    # The HTTP client imports onnx_artifact (check_residual); neither it nor the manifest model may pull in torch
+    # or the database stack. A child process with both blocked reads the stub's manifest.
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules.update(torch=None, sqlalchemy=None)\n"
+            "from weightlab.onnx_manifest import OnnxManifest\n"
+            "import weightlab.registry.onnx_artifact\n"
+            f"print(OnnxManifest.read({str(stub)!r}).models['unet'].graph)")
+    proc = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "unet/model.onnx", proc.stderr

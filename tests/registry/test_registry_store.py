@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from weightlab.errors import NotFoundError, RegistryError
+from weightlab.errors import HashMismatchError, NotFoundError, RegistryError
 from weightlab.files import file_sha256
-from weightlab.registry import HashMismatchError, LocalBlobStore
-from weightlab.registry.store import open_store
+from weightlab.registry import LocalBlobStore
+from weightlab.registry.service import open_store
 
 
 def _corrupt(path) -> None:

@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 
 import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from weightlab.errors import NotFoundError, RegistryError
-from weightlab.registry import Derivation, DuplicateVersionError, LineageInput, Registry
+from weightlab.errors import DuplicateVersionError, NotFoundError, RegistryError
+from weightlab.registry import Derivation, LineageInput
 
 
 def variant(src, dst, factor: float):
     save_file({k: v * factor if v.is_floating_point() else v for k, v in load_file(str(src)).items()}, str(dst))
     return dst
-
-
-def test_client_has_the_registry_interface():
-    from weightlab.registry.client import Client
-
-    for name, method in inspect.getmembers(Registry, inspect.isfunction):
-        if name.startswith("_") or name in ("close",):
-            continue
-        assert hasattr(Client, name), f"Client lacks Registry.{name}"
-        local, remote = inspect.signature(method), inspect.signature(getattr(Client, name))
-        extra_local = {"recorded_source", "sha256_trusted", "namespaces"}  # server-side knobs of Registry only
-        assert [p for p in local.parameters if p not in extra_local] == list(remote.parameters), name
 
 
 def test_upload_get_search_labels_and_download(db_url, serve, tiny, tmp_path):

@@ -14,6 +14,7 @@ from weightlab.recipe import Recipe, Term
 from weightlab.registry import jobs
 from weightlab.registry.db import transaction
 from weightlab.registry.models import Job
+from weightlab.registry.schemas import JobCreate
 
 
 def _recipe(base="me/base@1", style="me/style@1", accel="me/lcm:prod") -> dict:
@@ -85,7 +86,7 @@ def _queue(url, n: int):
 
     reg = Registry(url)
     with transaction(reg.engine, write=True) as s:
-        ids = [jobs.enqueue(s, spec=jobs.JobCreate(kind="merge", params={"recipe": _recipe(), "output": f"me/o{i}"}),
+        ids = [jobs.enqueue(s, spec=JobCreate(kind="merge", params={"recipe": _recipe(), "output": f"me/o{i}"}),
                             token_id=None).id for i in range(n)]
     return reg, ids
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from weightlab.errors import NotFoundError, RegistryError
-from weightlab.registry.store import HashMismatchError, open_store
+from weightlab.errors import HashMismatchError, NotFoundError, RegistryError
+from weightlab.registry.service import open_store
 
 
 @pytest.fixture(scope="module")

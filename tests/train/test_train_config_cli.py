@@ -43,6 +43,13 @@ def test_cli_lists_the_trainers_and_reports_errors_without_traceback(tmp_path):
 
     runner = CliRunner()
     out = runner.invoke(app, ["train", "--help"])
-    assert out.exit_code == 0 and all(n in out.output for n in ("style-lora", "image-lcm", "motion-lcm"))
+    assert out.exit_code == 0 and all(n in out.output for n in ("teacher", "motion-module", "style-lora", "image-lcm",
+                                                                "motion-lcm"))
+    out = runner.invoke(app, ["train", "motion-lcm", "--help"])  # the trainer's own fields, with their defaults
+    assert out.exit_code == 0 and "teacher_motion: required" in out.output and "coupled: false" in out.output
     out = runner.invoke(app, ["train", "image-lcm", "--config", str(tmp_path / "missing.yaml")])
     assert out.exit_code == 2 and "no such config file" in out.output and "Traceback" not in out.output
+    # an input that is neither a path nor a registry reference: the registry's resolver says so, nothing runs
+    (tmp_path / "c.yaml").write_text(f"base: no/such/base\noutput_dir: {tmp_path / 'o'}\ndata: {{format: synthetic_images}}\n")
+    out = runner.invoke(app, ["train", "teacher", "--config", str(tmp_path / "c.yaml")])
+    assert out.exit_code == 2 and "no such file or folder" in out.output and not (tmp_path / "o").exists()

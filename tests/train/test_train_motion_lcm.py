@@ -63,12 +63,14 @@ def test_initialization_strategy(tiny, tmp_path):
 
 
 def test_resume_is_bitwise_and_outputs_load_merge_and_register(tiny, tmp_path):
+    from weightlab.cli.train import register_result
     from weightlab.registry.service import Registry
 
     common = dict(max_steps=3, batch_size=1, gradient_accumulation_steps=2, learning_rate=1e-3, num_ddim_timesteps=10,
                   lr_scheduler="linear", checkpoint_every=1, checkpoints_keep=1,
                   register_as=RegisterConfig(name="me/motion", home=tmp_path / "home"))
-    straight = train_motion_lcm(_cfg(tiny, tmp_path, output_dir=tmp_path / "a", **common))
+    straight_cfg = _cfg(tiny, tmp_path, output_dir=tmp_path / "a", **common)
+    straight = train_motion_lcm(straight_cfg)
     cfg_b = _cfg(tiny, tmp_path, output_dir=tmp_path / "b", **common)
     stopped = train_motion_lcm(cfg_b, stop_after=1)
     assert not stopped.finished and stopped.step == 1 and stopped.outputs == []
@@ -97,7 +99,9 @@ def test_resume_is_bitwise_and_outputs_load_merge_and_register(tiny, tmp_path):
         out = merged(torch.randn(1, 4, 4, 8, 8), torch.tensor([500]), torch.randn(4, 77, 32)).sample
     assert out.shape == (1, 4, 4, 8, 8) and torch.isfinite(out).all()
 
-    assert straight.registered == resumed.registered == ["me/motion@1"]  # same tensors: the same version
+    # registration is the entry point's (weightlab train): same tensors, the same version
+    assert register_result("motion-lcm", straight_cfg, straight) == register_result("motion-lcm", cfg_b, resumed) \
+        == ["me/motion@1"]
     with Registry(home=tmp_path / "home") as reg:
         node = reg.lineage("me/motion@1")
         assert reg.get("me/motion@1").kind == "motion"
@@ -197,3 +201,57 @@ def test_a_dora_image_lora_is_refused(tiny, tmp_path):
     dora = save_tensors(sd, tmp_path / "dora.safetensors", {"weightlab.kind": "image_accel"})
     with pytest.raises(WeightlabError, match="DoRA"):
         load_image_lora(dora, torch.device("cpu"))
+
+
+def test_coupled_mode_trains_the_spatial_lora_and_the_motion_module_and_resumes_exactly(tiny, tmp_path):
+    """The paper's coupled ablation: a fresh spatial LoRA (B = 0) and the motion module distilled together on video;
+    both change and both are output; resume is bitwise. Decoupled, only the motion module trains: its checkpoints
+    (trainable weights only) hold no spatial weight, so the image LoRA of its input stays as it came."""
+    from weightlab.files import read_header
+    from weightlab.schedules import CONSISTENCY_KEY
+
+    data = DataConfig(format="synthetic_videos", resolution=16, num_frames=4, synthetic_samples=4)
+    common = dict(base=tiny.base_dir, teacher_motion=tiny.motion_dir, seed=0, data=data, max_steps=3, batch_size=1,
+                  learning_rate=1e-3, num_ddim_timesteps=10, checkpoint_every=1, checkpoints_keep=1,
+                  validation_prompts=(), coupled=True, rank=4)
+    straight = train_motion_lcm(MotionLCMConfig(output_dir=tmp_path / "a", **common))
+    cfg_b = MotionLCMConfig(output_dir=tmp_path / "b", **common)
+    assert not train_motion_lcm(cfg_b, stop_after=1).finished
+    saved = load_tensors(tmp_path / "b" / "checkpoints" / "step-00000001" / "model.safetensors")[0]
+    assert any(".lora_" in k for k in saved) and any(".motion_modules." in k for k in saved)
+    assert all(".lora_" in k or ".motion_modules." in k for k in saved)
+    resumed = train_motion_lcm(cfg_b)
+    assert [p.name for p in resumed.outputs] == ["motion_module", "motion_module_animatediff.safetensors",
+                                                 "lcm_lora.safetensors"]
+    for x, y in zip(straight.outputs, resumed.outputs):
+        fx = x / "diffusion_pytorch_model.safetensors" if x.is_dir() else x
+        fy = y / "diffusion_pytorch_model.safetensors" if y.is_dir() else y
+        a, b = load_tensors(fx)[0], load_tensors(fy)[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), x.name  # bitwise
+
+    lora = weightlab.load(resumed.outputs[2])
+    assert lora.kind == "image_accel" and lora.ranks == [4]
+    assert lora.targets and all("motion_modules" not in p for p in lora.targets)  # spatial modules only
+    assert max(t.up.abs().max().item() for t in lora.targets.values()) > 0  # B started at zero
+    assert CONSISTENCY_KEY in read_header(resumed.outputs[2]).metadata  # the motion stage's checks accept it
+    module = weightlab.load(resumed.outputs[0]).weights
+    teacher = weightlab.load(tiny.motion_dir).weights
+    assert any(not torch.equal(module[k], teacher[k]) for k in module if k in teacher)  # init_motion: teacher
+
+    train_motion_lcm(MotionLCMConfig(**{**common, "coupled": False, "max_steps": 1}, output_dir=tmp_path / "d",
+                                     image_lora=_image_lora(tiny, tmp_path / "lcm_lora.safetensors")))
+    saved = load_tensors(tmp_path / "d" / "checkpoints" / "step-00000001" / "model.safetensors")[0]
+    assert saved and all(".motion_modules." in k for k in saved)
+
+
+def test_coupled_and_image_lora_exclude_each_other(tiny, tmp_path):
+    import pytest
+
+    from weightlab.errors import WeightlabError
+    from weightlab.train import load_config
+
+    doc = "base: b\noutput_dir: o\ndata: {format: synthetic_videos}\nteacher_motion: m\n"
+    for extra, message in (("coupled: true\nimage_lora: l\n", "drop image_lora"), ("", "image_lora is required")):
+        (tmp_path / "c.yaml").write_text(doc + extra)
+        with pytest.raises(WeightlabError, match=message):
+            load_config(tmp_path / "c.yaml", MotionLCMConfig)

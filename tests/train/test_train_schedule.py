@@ -170,15 +170,14 @@ def test_sampler_refuses_a_recipe_with_a_residual_of_another_schedule(lcm_loras,
 def test_validation_samples_with_the_generate_scheduler(lcm_loras, sd15_base, tiny, tmp_path, monkeypatch):
     """Both distillation trainers' validation samples use exactly the scheduler `weightlab generate` builds for this
     base (AnimateLCM's LCMScheduler: linear β, original_inference_steps 100), not one derived from the base's config."""
-    from diffusers import AnimateDiffPipeline
+    from diffusers import AnimateDiffPipeline, StableDiffusionPipeline
 
-    from weightlab.train import common
     from weightlab.video import animatelcm_scheduler
 
     used = []
-    sample_images, animate = common.sample_images, AnimateDiffPipeline.__call__
-    monkeypatch.setattr(common, "sample_images", lambda acc, models, unet, scheduler, *a, **k: (
-        used.append(scheduler), sample_images(acc, models, unet, scheduler, *a, **k))[1])
+    image, animate = StableDiffusionPipeline.__call__, AnimateDiffPipeline.__call__
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", lambda self, *a, **k: (
+        used.append(self.scheduler), image(self, *a, **k))[1])
     monkeypatch.setattr(AnimateDiffPipeline, "__call__", lambda self, *a, **k: (
         used.append(self.scheduler), animate(self, *a, **k))[1])
     images = DataConfig(format="synthetic_images", resolution=16, synthetic_samples=1)

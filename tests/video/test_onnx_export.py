@@ -135,6 +135,7 @@ def test_every_unet_weight_is_an_external_initializer_named_after_its_parameter(
 
 def test_reweight_rewrites_only_the_data_file_and_matches_a_fresh_export(onnx_copy, onnx_dir2, recipe2):
     from weightlab.onnx_export import reweight_onnx
+    from weightlab.onnx_manifest import OnnxManifest
 
     graph, data = onnx_copy / "unet" / "model.onnx", onnx_copy / "unet" / "model.onnx.data"
     graph_bytes, data_hash = graph.read_bytes(), _sha(data)
@@ -146,8 +147,9 @@ def test_reweight_rewrites_only_the_data_file_and_matches_a_fresh_export(onnx_co
     assert not list(onnx_copy.rglob("*.old")) and not list(onnx_copy.rglob("*.new"))
     # Same names, layout and values as exporting recipe2 from scratch: the data files are byte-identical.
     assert data.read_bytes() == (onnx_dir2 / "unet" / "model.onnx.data").read_bytes()
-    assert manifest["recipe_hash"] == recipe2.hash and "reweighted" in manifest
-    assert manifest["models"]["unet"]["verification"]["max_abs_err"] <= 1e-4  # the new weights vs PyTorch
+    assert manifest.recipe_hash == recipe2.hash and manifest.reweighted is not None
+    assert manifest.models["unet"].verification.max_abs_err <= 1e-4  # the new weights vs PyTorch
+    assert OnnxManifest.read(onnx_copy) == manifest  # what was written is what was returned
     inputs = {k: v.numpy() for k, v in _unet_inputs(2, 4, 16, 16, 700, seed=3).items()}
     np.testing.assert_array_equal(_session(onnx_copy).run(None, inputs)[0], _session(onnx_dir2).run(None, inputs)[0])
 

@@ -4,30 +4,35 @@ written into an existing export without re-exporting."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from weightlab.cli.common import console, fail_on_error
 
+if TYPE_CHECKING:
+    from weightlab.onnx_manifest import OnnxManifest
+
 export_app = typer.Typer(help="Export merged video models to ONNX; re-weight an export in place.", no_args_is_help=True)
 
 
-def _summary(manifest: dict, folder: Path, title: str) -> None:
+def _summary(manifest: OnnxManifest, folder: Path, title: str) -> None:
     from rich.table import Table
+
+    from weightlab.onnx_manifest import MANIFEST
 
     table = Table(title=title)
     for col in ("model", "export s", "graph MB", "data MB", "max abs err", "max rel err", "dynamic"):
         table.add_column(col, overflow="fold")
-    for name, entry in manifest["models"].items():
-        check = entry.get("verification") or {}
-        dynamic = "; ".join(f"{k}[{','.join(v)}]" for k, v in entry["dynamic"].items())
-        table.add_row(name, f"{entry['export_seconds']:.1f}", f"{entry['bytes']['graph'] / 1e6:.2f}",
-                      f"{entry['bytes']['data'] / 1e6:.2f}", f"{check.get('max_abs_err', float('nan')):.2e}",
-                      f"{check.get('max_rel_err', float('nan')):.2e}", dynamic)
+    for name, entry in manifest.models.items():
+        check = entry.verification
+        errors = (f"{check.max_abs_err:.2e}", f"{check.max_rel_err:.2e}") if check else ("not verified",) * 2
+        dynamic = "; ".join(f"{k}[{','.join(v)}]" for k, v in entry.dynamic.items())
+        table.add_row(name, f"{entry.export_seconds:.1f}", f"{entry.bytes.graph / 1e6:.2f}",
+                      f"{entry.bytes.data / 1e6:.2f}", *errors, dynamic)
     console.print(table)
-    console.print(f"dtype {manifest['dtype']}, opset {manifest['opset']}, recipe {manifest['recipe_hash']}")
-    console.print(f"manifest: {folder / 'manifest.json'}")
+    console.print(f"dtype {manifest.dtype}, opset {manifest.opset}, recipe {manifest.recipe_hash}")
+    console.print(f"manifest: {folder / MANIFEST}")
 
 
 @export_app.command("onnx")
@@ -41,9 +46,10 @@ def onnx_cmd(
 ) -> None:
     """Export the merged UNetMotionModel, text encoder and VAE decoder (external data, verified, manifest.json)."""
     from weightlab.onnx_export import export_onnx
+    from weightlab.registry.resolve import LocalResolver
 
-    with fail_on_error():
-        manifest = export_onnx(recipe, out, dtype=dtype, device=device, opset=opset, verify=verify)
+    with fail_on_error(), LocalResolver() as resolve:
+        manifest = export_onnx(recipe, out, dtype=dtype, device=device, opset=opset, verify=verify, resolve=resolve)
     _summary(manifest, out, "weightlab export onnx")
 
 
@@ -56,9 +62,10 @@ def reweight_cmd(
 ) -> None:
     """Re-merge new α/β/γ and rewrite only unet/model.onnx.data; the graph file stays byte-identical."""
     from weightlab.onnx_export import reweight_onnx
+    from weightlab.registry.resolve import LocalResolver
 
-    with fail_on_error():
-        manifest = reweight_onnx(onnx, recipe, device=device, verify=verify)
+    with fail_on_error(), LocalResolver() as resolve:
+        manifest = reweight_onnx(onnx, recipe, device=device, verify=verify, resolve=resolve)
     _summary(manifest, onnx, "weightlab export reweight")
 
 

@@ -28,16 +28,19 @@ def generate_cmd(
     fps: int = typer.Option(8, "--fps", help="Frames per second of the MP4/GIF."),
     gif: bool = typer.Option(True, "--gif/--no-gif", help="Also write a GIF."),
     device: Optional[str] = typer.Option(None, "--device", help="PyTorch device (cpu, cuda); the recipe's when omitted."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder for a single-file base "
+                                             "checkpoint; the family's from the Hugging Face cache when omitted."),
 ) -> None:
     """Sample a video clip (16 frames, 4 LCM steps, no CFG by default) and write it as MP4 and GIF."""
     from rich.table import Table
 
+    from weightlab.registry.resolve import LocalResolver
     from weightlab.video import generate
 
-    with fail_on_error():
+    with fail_on_error(), LocalResolver() as resolve:
         result = generate(recipe, prompt, out, onnx_dir=onnx, provider=provider, gif=gif, fps=fps, device=device, frames=frames,
                           steps=steps, guidance=guidance, seed=seed, height=height, width=width,
-                          negative_prompt=negative_prompt, sampler=sampler)
+                          negative_prompt=negative_prompt, sampler=sampler, resolve=resolve, tokenizer=tokenizer)
     table = Table(title=f"weightlab generate ({result['backend']}, {sampler})")
     for col in ("stage", "seconds"):
         table.add_column(col)

@@ -10,10 +10,8 @@ import typer
 from weightlab.cli.common import console, fail_on_error
 
 
-def parse_term(spec: str, kind: str):
-    """``PATH[:scale]`` -> Term (a trailing ``:number`` is the scale; ``ns/name:alias`` stays a reference)."""
-    from weightlab.recipe import Term
-
+def parse_term(spec: str, kind: str) -> dict:
+    """``PATH[:scale]`` -> a term's fields (a trailing ``:number`` is the scale; ``ns/name:alias`` stays a reference)."""
     source, scale = spec, 1.0
     head, sep, tail = spec.rpartition(":")
     if sep:
@@ -22,7 +20,7 @@ def parse_term(spec: str, kind: str):
             source = head
         except ValueError:
             pass
-    return Term(source=source, kind=kind, scale=scale)
+    return {"source": source, "kind": kind, "scale": scale}
 
 
 def merge_cmd(
@@ -33,7 +31,8 @@ def merge_cmd(
     accel: list[str] = typer.Option([], "--accel", help="Image-acceleration LoRA PATH[:β]. Repeatable."),
     motion: Optional[str] = typer.Option(None, "--motion", help="Motion module PATH[:γ] (folder or AnimateDiff file)."),
     motion_lora: list[str] = typer.Option([], "--motion-lora", help="Motion LoRA PATH[:s]. Repeatable."),
-    method: str = typer.Option("linear", "--method", help="linear (Eq. 2) | ties | dare | svd (combine several style terms)."),
+    method: str = typer.Option("linear", "--method", help="linear (Eq. 2) | ties | dare | svd (combine several style "
+                               "terms), or another registered method."),
     dtype: str = typer.Option("float32", "--dtype", help="float16 | bfloat16 | float32"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda (CUDA uses the fused Triton kernel)."),
     save_recipe: Optional[Path] = typer.Option(None, "--save-recipe", help="Also write the recipe used to this YAML file."),
@@ -42,8 +41,9 @@ def merge_cmd(
     """Merge w' = w0 + α·style + β·accel + γ·motion exactly (fp32 accumulation, one rounding)."""
     from weightlab.merge import merge_to_file, merge_to_folder
     from weightlab.recipe import Recipe
+    from weightlab.registry.resolve import LocalResolver
 
-    with fail_on_error():
+    with fail_on_error(), LocalResolver() as resolve:
         if recipe is not None:
             if base or style or accel or motion or motion_lora:
                 raise typer.BadParameter("give either --recipe or --base/--style/--accel/--motion, not both")
@@ -53,11 +53,11 @@ def merge_cmd(
                 raise typer.BadParameter("--base is required without --recipe")
             terms = ([parse_term(s, "style") for s in style] + [parse_term(s, "image_accel") for s in accel]
                      + ([parse_term(motion, "motion")] if motion else []) + [parse_term(s, "motion_lora") for s in motion_lora])
-            r = Recipe(base=base, terms=tuple(terms), method=method, dtype=dtype, device=device)
+            r = Recipe.from_dict(dict(base=base, terms=terms, method=method, dtype=dtype, device=device))
         if save_recipe:
             r.save(save_recipe)
         fn = merge_to_file if out.suffix == ".safetensors" else merge_to_folder
-        summary = fn(r, out)
+        summary = fn(r, out, resolve=resolve)
         if register:
             version = register_output(r, out, register)
     console.print(f"merged {summary['tensors']} tensors ({summary['bytes'] / 1e6:.1f} MB, {r.dtype}) in {summary['seconds']:.2f} s")
@@ -74,8 +74,8 @@ def register_output(recipe, out: Path, name: str):
     from weightlab.registry.schemas import Derivation
 
     with Registry() as reg:
-        return reg.add(out, name=name, kind="base", lineage=Derivation.from_merged_file(out),
-                       metadata={"recipe_hash": recipe.hash})
+        return reg.register_output(out, name=name, kind="base", derivation=Derivation.from_merged_file(out),
+                                   metadata={"recipe_hash": recipe.hash})
 
 
 def register(app: typer.Typer) -> None:

@@ -78,7 +78,7 @@ def _summary(v) -> str:
 def _add(source: str, name: Optional[str], kind: Optional[str], tags: list[str], meta: list[str],
          metadata_json: Optional[str], sha256: Optional[str], revision: Optional[str], allow_pickle: bool,
          lenient: bool, as_json: bool, remote: Optional[str]) -> None:
-    from weightlab.registry.service import DuplicateVersionError
+    from weightlab.errors import DuplicateVersionError
 
     with fail_on_error():
         reg = _registry(remote)
@@ -221,40 +221,14 @@ def tag_cmd(
     console.print(f"{v.ref}: {', '.join(v.tags) or 'no tags'}", highlight=False)
 
 
-def lineage_tree(node) -> "Tree":  # noqa: F821
-    """A rich Tree of a :class:`LineageNode`: each input with its role and scale; unregistered inputs by hash."""
-    from rich.markup import escape
-    from rich.tree import Tree
-
-    def label(n, role=None, scale=None) -> str:
-        head = f"[cyan]{escape(role)}[/] " if role else ""
-        head += f"x{scale:g} " if scale is not None else ""
-        if n.version is None:
-            return head + f"{escape(n.label)} [dim](not registered, tensor hash {n.tensor_hash[:12]})[/]"
-        v = n.version
-        return head + f"[bold]{v.ref}[/] [dim]({v.kind}, {v.representation}, {v.tensor_hash[:12]})[/]"
-
-    def grow(tree, n) -> None:
-        if n.truncated:
-            tree.add("[dim]...[/]")
-            return
-        if n.relation:
-            how = ", ".join(str(n.recipe[k]) for k in ("method", "dtype") if k in n.recipe) if n.recipe else ""
-            branch = tree.add(f"[magenta]{n.relation}[/]" + (f" [dim]({escape(how)})[/]" if how else ""))
-            for e in n.inputs:
-                grow(branch.add(label(e.node, e.role, e.scale)), e.node)
-
-    root = Tree(label(node))
-    grow(root, node)
-    return root
-
-
 def lineage_cmd(
     ref: str = typer.Argument(..., help="ns/name[@version|:alias]."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Levels to show (default: all)."),
     as_json: bool = _JSON, remote: Optional[str] = _REMOTE,
 ) -> None:
     """Show what a version was derived from, as a tree (merges: the base and every term with its scale)."""
+    from weightlab.registry.render import lineage_tree
+
     with fail_on_error():
         node = _registry(remote).lineage(ref, depth=depth)
     if as_json:
@@ -339,14 +313,11 @@ def repair_cmd(
     """Replace stored metadata, configs, lineage recipes and job parameters that break the limits (written before
     weightlab checked them) with a note saying so. Readers are already shown that note instead; this rewrites the
     rows themselves. Runs on the database directly ($WEIGHTLAB_DB_URL), like `db upgrade`."""
-    from weightlab.registry import crud
-    from weightlab.registry.db import transaction
-
     with fail_on_error():
         from weightlab.registry.service import Registry
 
-        with Registry() as reg, transaction(reg.engine, write=True) as s:
-            found = crud.repair_stored_json(s, dry_run=dry_run)
+        with Registry() as reg:
+            found = reg.repair(dry_run=dry_run)
     if as_json:
         _json({"replaced": [] if dry_run else found, "found": found, "dry_run": dry_run})
         return

@@ -118,18 +118,14 @@ def token_create_cmd(
     """Create a token and print it. It is shown only now: the database keeps its hash."""
     from pydantic import ValidationError
 
-    from weightlab.errors import RegistryError
-    from weightlab.registry import auth
-    from weightlab.registry.db import transaction
+    from weightlab.errors import RegistryError, fmt_validation_errors
 
-    with fail_on_error():
+    with fail_on_error(), _registry(db) as reg:
         try:
-            spec = auth.TokenCreate(name=name, namespace=namespace, scope=scope, expires_in_days=expires_days)
+            created = reg.create_token(namespace=namespace, scope=scope, name=name, expires_in_days=expires_days)
         except ValidationError as e:
-            raise RegistryError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-                                + ". Fix: --scope read|write|admin, --namespace NAME or '*'.") from None
-        with _registry(db) as reg, transaction(reg.engine, write=True) as s:
-            created = auth.create_token(s, spec=spec)
+            raise RegistryError(f"{fmt_validation_errors(e.errors())}. Fix: --scope read|write|admin, --namespace "
+                                "NAME or '*'.") from None
     expiry = f", expires {created.expires_at:%Y-%m-%d %H:%M} UTC" if created.expires_at else ""
     err_console.print(f"token {created.id} ({created.scope} on {created.namespace}{expiry}); store it now, it is "
                       "not shown again:", highlight=False, soft_wrap=True)
@@ -139,11 +135,8 @@ def token_create_cmd(
 @token_app.command("list")
 def token_list_cmd(db: Optional[str] = _DB) -> None:
     """List tokens (never their secrets)."""
-    from weightlab.registry import auth
-    from weightlab.registry.db import transaction
-
-    with fail_on_error(), _registry(db) as reg, transaction(reg.engine) as s:
-        tokens = auth.list_tokens(s)
+    with fail_on_error(), _registry(db) as reg:
+        tokens = reg.tokens()
     for t in tokens:
         expiry = f"{t.expires_at:%Y-%m-%d %H:%M}" if t.expires_at else "never"
         console.print(f"{t.id:>5}  {t.scope:<5}  {t.namespace:<20}  expires {expiry:<16}  {t.name}", highlight=False)
@@ -153,11 +146,8 @@ def token_list_cmd(db: Optional[str] = _DB) -> None:
 def token_revoke_cmd(token_id: int = typer.Argument(..., help="The token's id (`weightlab token list`)."),
                      db: Optional[str] = _DB) -> None:
     """Revoke a token: requests that send it are refused from now on."""
-    from weightlab.registry import auth
-    from weightlab.registry.db import transaction
-
-    with fail_on_error(), _registry(db) as reg, transaction(reg.engine, write=True) as s:
-        auth.delete_token(s, token_id=token_id)
+    with fail_on_error(), _registry(db) as reg:
+        reg.revoke_token(token_id)
     console.print(f"revoked token {token_id}", highlight=False)
 
 

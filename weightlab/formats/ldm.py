@@ -8,7 +8,7 @@ key: diffusers' converter silently drops keys it does not know, and weightlab tr
 from __future__ import annotations
 
 from weightlab.errors import UnmatchedKeysError, fmt_keys
-from weightlab.families import infer_unet_config, unet_shapes_for
+from weightlab.families import Family, infer_unet_config, unet_shapes_for
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 # Other components a single-file checkpoint may carry; they are not part of the UNet and are left out on purpose.
@@ -66,6 +66,27 @@ def diffusers_to_ldm(state_dict: dict) -> dict:
     """Diffusers UNet state dict -> single-file LDM keys (``model.diffusion_model.*``); any block layout."""
     maps = _layer_map(*_layout(state_dict))
     return {LDM_UNET_PREFIX + _to_ldm_name(k, maps): v for k, v in state_dict.items()}
+
+
+_LDM_MODULES: dict[str, dict[str, str]] = {}
+
+
+def ldm_module_names(family: Family) -> dict[str, str]:
+    """LDM module path (``input_blocks.1.1.proj_in``) -> diffusers module path (``down_blocks.0.attentions.0.proj_in``)
+    of the family's full-size UNet, as diffusers' own ``convert_ldm_unet_checkpoint`` renames them (kohya names its
+    SDXL LoRAs this way, A1111-era tools some SD1.x/SD2 ones). Read off the converter by passing it one marker
+    tensor per LDM key (it only renames), so the table is diffusers', not a copy."""
+    if family.name not in _LDM_MODULES:
+        import torch
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+        with torch.device("meta"):
+            markers = diffusers_to_ldm({k: torch.empty(s) for k, s in family.unet_shapes.items()})
+        ldm_key = {id(v): k[len(LDM_UNET_PREFIX):] for k, v in markers.items()}
+        converted = convert_ldm_unet_checkpoint(markers, family.unet_config)
+        _LDM_MODULES[family.name] = {ldm_key[id(v)].removesuffix(".weight"): k.removesuffix(".weight")
+                                     for k, v in converted.items() if k.endswith(".weight") and id(v) in ldm_key}
+    return _LDM_MODULES[family.name]
 
 
 def is_ldm(keys) -> bool:

@@ -2,7 +2,8 @@
 
 Handled: PEFT/diffusers (``lora_A``/``lora_B``, optionally ``.default``), diffusers' older ``.lora.down/up`` and
 attention-processor keys (``processor.to_q_lora.down``), kohya/A1111 (``lora_unet_<flattened path>.lora_down/up``
-+ ``.alpha``; also LyCORIS's ``lycoris_`` prefix), conv LoRA, LyCORIS LoCon (Tucker ``lora_mid``), LoHa
++ ``.alpha``; also LyCORIS's ``lycoris_`` prefix; module names in diffusers' or in the LDM UNet's layout,
+``lora_unet_input_blocks_1_1_proj_in``, renamed as diffusers' single-file converter does), conv LoRA, LyCORIS LoCon (Tucker ``lora_mid``), LoHa
 (``hada_*``), LoKr (``lokr_*``) and full (``diff``/``diff_b``) in kohya/LyCORIS keys, and motion LoRAs in
 AnimateDiff's original naming. OFT/BOFT, GLoRA, IA³ and the other algebras in `algebra.REFUSED` are refused by name.
 Text-encoder keys are recognised but not merged (weightlab composes UNets): they count as unmatched, like unknown
@@ -20,6 +21,7 @@ from weightlab.errors import AdapterOptionError, FileFormatError, fmt_keys
 from weightlab.families import Family
 from weightlab.formats import algebra
 from weightlab.formats.adapter_config import AdapterConfig
+from weightlab.formats.ldm import ldm_module_names
 from weightlab.formats.motion import is_original_layout, rename_path
 from weightlab.residuals import AdapterTarget, FactorTarget, LoRATarget
 
@@ -36,6 +38,27 @@ TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_t
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 
 
+# Metadata that names the base a LoRA was made for: key -> (value prefix, family); weightlab's own, kohya sd-scripts'
+# (``sd_v1``, ``sd_v2``, ``sd_v2_768_v``, ``sdxl_base_v1-0``; older files only ``ss_v2``) and the SAI model spec's.
+_DECLARED_FAMILY = {
+    "weightlab.family": (("sd15", "sd15"), ("sd2", "sd2"), ("sdxl", "sdxl")),
+    "ss_base_model_version": (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd15")),
+    "modelspec.architecture": (("stable-diffusion-xl-v1-base", "sdxl"), ("stable-diffusion-v2", "sd2"),
+                               ("stable-diffusion-v1", "sd15")),
+    "ss_v2": (("True", "sd2"),),
+}
+
+
+def declared_family(metadata: dict[str, str]) -> tuple[str, str] | None:
+    """The family a file's metadata names, and where (``"ss_base_model_version=sd_v2"``); None if none does."""
+    for key, values in _DECLARED_FAMILY.items():
+        value = str(metadata.get(key, ""))
+        for prefix, family in values:
+            if value == prefix or (key != "weightlab.family" and value.startswith(prefix)):
+                return family, f"{key}={value}"
+    return None
+
+
 def is_lora(keys) -> bool:
     """Whether ``keys`` are an adapter's (any registered algebra, or one refused by name)."""
     return any(k.endswith(_DISTINCT) or ("lora" in k.lower() and any(k.endswith(s) for s, r in _ROLE_SUFFIXES if r != "alpha"))
@@ -47,6 +70,16 @@ def _split(key: str) -> tuple[str, str] | None:
         if key.endswith(suffix):
             return key[: -len(suffix)], role
     return None
+
+
+_LDM_KOHYA: dict[str, dict[str, str]] = {}
+
+
+def _ldm_kohya_names(family: Family) -> dict[str, str]:
+    """kohya name of an LDM module (``input_blocks_1_1_proj_in``) -> diffusers module path (`ldm.ldm_module_names`)."""
+    if family.name not in _LDM_KOHYA:
+        _LDM_KOHYA[family.name] = {ldm.replace(".", "_"): path for ldm, path in ldm_module_names(family).items()}
+    return _LDM_KOHYA[family.name]
 
 
 def _peft_name(raw: str) -> str:
@@ -61,7 +94,8 @@ def _module_path(raw: str, family: Family) -> str | None:
     """Normalise one raw module name to a family module path, or None if it maps to nothing."""
     for prefix in _KOHYA_PREFIXES:
         if raw.startswith(prefix):
-            return family.kohya_names.get(raw[len(prefix):])
+            name = raw[len(prefix):]
+            return family.kohya_names.get(name) or _ldm_kohya_names(family).get(name)
     raw = _peft_name(raw)
     m = _PROCESSOR.search(raw)
     if m:

@@ -2,12 +2,17 @@
 
 The original layout (``temporal_transformer``, ``attention_blocks.{0,1}``, ``norms.{0,1}``, ``ff_norm``) is
 converted with diffusers' own ``convert_animatediff_checkpoint_to_diffusers``. AnimateLCM ships without
-``pos_encoder`` tables; the sinusoidal table is recomputed in code, so detection never depends on it.
+``pos_encoder`` tables; the sinusoidal table is recomputed in code, so detection never depends on it. The expected
+parameters come from the module's own config (given, or inferred from its weights), so SDXL's three-block modules
+load like SD1.5's four-block ones; the family only names it (and refuses it on a base of another family at merge).
 """
 
 from __future__ import annotations
 
 import re
+
+from weightlab.errors import FamilyMismatchError, FileFormatError, fmt_keys
+from weightlab.families import FAMILIES, Family
 
 ORIGINAL_MARKERS = (".temporal_transformer.", ".attention_blocks.", ".norms.", ".ff_norm.")
 
@@ -29,13 +34,48 @@ def rename_path(path: str) -> str:
     return next(iter(out))[: -len(".weight")] if out else path
 
 
-def positional_tables(config: dict) -> dict:
-    """The ``pos_embed.pe`` buffers diffusers computes for a MotionAdapter config (deterministic)."""
+def adapter_shapes(config: dict, *, what: str = "motion module") -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the diffusers ``MotionAdapter`` a config describes (SD1.5's four blocks, SDXL's three...).
+
+    Raises:
+        FileFormatError: diffusers cannot build a MotionAdapter from the config (its message is quoted).
+    """
     import torch
     from diffusers import MotionAdapter
 
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in MotionAdapter(**config).state_dict().items() if k.endswith("pos_embed.pe")}
+    try:
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in MotionAdapter(**config).state_dict().items()}
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+        raise FileFormatError(f"{what}: its config is not one diffusers' MotionAdapter can build ({e}). "
+                              "Fix: pass the config.json saved with the weights.") from None
+
+
+def family_of(keys_ndim: dict[str, int], *, what: str = "motion module") -> Family:
+    """The family whose full-size motion module holds every parameter (name and rank) and lacks the fewest:
+    AnimateDiff-SDXL's three blocks are a subset of SD1.5's four by name, so the block count decides.
+
+    Raises:
+        FamilyMismatchError: naming the keys no family's motion module has.
+    """
+    best = None
+    for fam in FAMILIES.values():
+        sig = {k: len(s) for k, s in fam.motion_shapes.items()}
+        foreign = [k for k, n in keys_ndim.items() if sig.get(k) != n]
+        score = (len(foreign), len(sig.keys() - keys_ndim.keys()))
+        if best is None or score < best[0]:
+            best = score, fam, foreign
+    if best[2]:
+        raise FamilyMismatchError(
+            f"{what}: {len(best[2])} parameter(s) are in no known family's motion module "
+            f"({', '.join(f for f, fam in FAMILIES.items() if fam.motion_config)}): {fmt_keys(best[2])}. "
+            "Fix: pass an AnimateDiff motion module (or strict=False to report and skip them).")
+    return best[1]
+
+
+def positional_tables(config: dict) -> dict:
+    """The ``pos_embed.pe`` buffers diffusers computes for a MotionAdapter config (deterministic)."""
+    shapes = {k: s for k, s in adapter_shapes(config).items() if k.endswith("pos_embed.pe")}
     from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 
     tables = {}

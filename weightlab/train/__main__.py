@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 -m weightlab.train motion-lcm --config motion.yaml
 
 It imports only the trainers (not the whole ``weightlab`` CLI), so each process starts quickly; the options are
-those of ``weightlab train``.
+those of ``weightlab train``, and so is the registry's part (``weightlab.cli.train``, imported only when a config
+names a registry reference or asks to register its output).
 """
 
 import argparse
@@ -22,7 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cls, train = TRAINERS[args.trainer]
     try:
-        result = train(load_config(args.config, cls), stop_after=args.stop_after)
+        cfg = load_config(args.config, cls)
+        if any(not path.exists() for _, path in cfg.inputs()):  # maybe registry references: the CLI's resolver
+            from weightlab.cli.train import resolve_inputs
+
+            cfg = resolve_inputs(cfg)
+        result = train(cfg, stop_after=args.stop_after)
+        if cfg.register_as is not None:
+            from weightlab.cli.train import register_result
+
+            for ref in register_result(args.trainer, cfg, result):  # the main process's output only
+                print(f"registered: {ref}")
     except WeightlabError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,11 @@
-"""What the three trainers share: accelerate setup, the base models, encoders, LoRA I/O, and the run bookkeeping.
+"""What the trainers share: accelerate setup, the base models, encoders, the ε loss, LoRA and motion-module I/O,
+validation samples, and the run bookkeeping.
 
-:class:`Run` owns checkpoints (``accelerator.save_state``: trainable weights only, optimizer, lr scheduler, RNG,
-and registered state such as the step, the loss history and EMA weights), resume from the newest checkpoint,
-TensorBoard logging through accelerate's trackers, the tqdm bar (loss, steps/s) and the loss PNG.
+:class:`Run` owns the tail of every loop — :meth:`Run.end_step` (history, TensorBoard, bar, checkpoints, validation
+samples when due) and :meth:`Run.finish` (a checkpoint when stopped early, else the final samples and the outputs) —
+plus resume from the newest checkpoint (``accelerator.save_state``: trainable weights only, optimizer, lr scheduler,
+RNG, and registered state such as the step, the loss history and EMA weights) and the loss PNG. The trainers read
+paths only: registering outputs, or resolving registry references, is the entry points' business.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Callable
 
 import torch
 
-from weightlab.errors import FileFormatError, WeightlabError
-from weightlab.schedules import NoiseSchedule, schedule_metadata
+from weightlab.errors import FileFormatError, ShapeMismatchError, WeightlabError
+from weightlab.schedules import NoiseSchedule, make_scheduler, schedule_metadata
+from weightlab.train.consistency import add_noise
 
 log = logging.getLogger(__name__)
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -32,17 +36,18 @@ class BaseModels:
     tokenizer: object
     text_encoder: torch.nn.Module
     vae: torch.nn.Module
-    unet: torch.nn.Module  # fp32, on the device, requires_grad off
+    unet: torch.nn.Module | None  # fp32, on the device, requires_grad off (None: not loaded)
     alphas_cumprod: torch.Tensor  # ᾱ_t, t = 0..T-1 (fp32, on the device)
     prediction_type: str
     scheduler_config: dict
     schedule: NoiseSchedule  # what the run trains under (recorded in its output)
 
 
-def load_base(cfg, device: torch.device, dtype: torch.dtype) -> BaseModels:
+def load_base(cfg, device: torch.device, dtype: torch.dtype, *, unet: bool = True) -> BaseModels:
     """Load ``cfg.base`` (a diffusers pipeline folder). The text encoder is cast to ``dtype``; the VAE stays fp32
-    (SD1.5's VAE overflows in fp16) and so does the UNet (the trainers copy or train it). The noise schedule is the
-    base's with ``cfg.beta_schedule``/``beta_start``/``beta_end`` where set (T and the prediction type are the base's)."""
+    (SD1.5's VAE overflows in fp16) and so does the UNet (the trainers copy or train it; ``unet=False`` skips it).
+    The noise schedule is the base's with ``cfg.beta_schedule``/``beta_start``/``beta_end`` where set (T and the
+    prediction type are the base's)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -55,9 +60,10 @@ def load_base(cfg, device: torch.device, dtype: torch.dtype) -> BaseModels:
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer", local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", local_files_only=True).to(device, dtype)
     vae = AutoencoderKL.from_pretrained(base / "vae", local_files_only=True).to(device)
-    unet = UNet2DConditionModel.from_pretrained(base / "unet", local_files_only=True).to(device)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet", local_files_only=True).to(device) if unet else None
     for m in (text_encoder, vae, unet):
-        m.requires_grad_(False).eval()
+        if m is not None:
+            m.requires_grad_(False).eval()
     base_sched = dict(DDPMScheduler.load_config(base / "scheduler"))
     schedule = NoiseSchedule.from_config(base_sched).replace(
         beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end)
@@ -174,6 +180,111 @@ def lora_tensors(unet, *, rank: int, alpha: float | None) -> dict[str, torch.Ten
             for k, v in get_peft_model_state_dict(unet).items()}
 
 
+def build_lora_student(cfg, models: BaseModels):
+    """The base UNet with a fresh trainable LoRA (``cfg.rank``, ``lora_alpha``, ``target_modules``; seeded, so every
+    process starts from the same factors)."""
+    torch.manual_seed(cfg.seed)
+    unet = models.unet
+    add_lora(unet, rank=cfg.rank, alpha=cfg.lora_alpha, targets=cfg.target_modules)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet.train()
+
+
+def diffusion_loss(cfg, accelerator, unet, models: BaseModels, batch: dict) -> torch.Tensor:
+    """ε-MSE (v-MSE for v-prediction bases) of one micro-batch of images or clips, min-SNR-γ weighted (Hang et al.
+    2023) when ``cfg.snr_gamma`` is set. Clips: latents ``[B, C, F, h, w]``, the prompt repeated per frame."""
+    device = accelerator.device
+    gens = generators(batch["seed"])
+    captions = drop_captions(batch["caption"], gens, cfg.empty_caption_prob)
+    latents = encode_latents(models.vae, batch["pixels"], gens)
+    noise = draw(gens, lambda g: torch.randn(latents.shape[1:], generator=g)).to(device)
+    t = draw(gens, lambda g: torch.randint(0, len(models.alphas_cumprod), (), generator=g)).to(device)
+    x_t = add_noise(latents, noise, t, models.alphas_cumprod)
+    with accelerator.autocast():
+        embeds = encode_prompts(models, captions, device)
+        if latents.dim() == 5:
+            embeds = embeds.repeat_interleave(latents.shape[2], dim=0)  # one per frame
+        pred = unet(x_t, t, embeds).sample
+    a = models.alphas_cumprod[t]
+    if models.prediction_type == "v_prediction":
+        bcast = (-1,) + (1,) * (latents.dim() - 1)
+        target = a.sqrt().view(bcast) * noise - (1 - a).sqrt().view(bcast) * latents
+    else:
+        target = noise
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    if cfg.snr_gamma is not None:
+        snr = a / (1 - a)
+        per_sample = per_sample * snr.clamp(max=cfg.snr_gamma) / (snr + (models.prediction_type == "v_prediction"))
+    return per_sample.mean()
+
+
+def load_motion_adapter(path):
+    """A diffusers ``MotionAdapter`` from a MotionAdapter folder or an AnimateDiff/AnimateLCM file (via ``weightlab.load``)."""
+    from diffusers import MotionAdapter
+
+    from weightlab.loading import load
+    from weightlab.residuals import MotionModule
+
+    res = load(path)
+    if not isinstance(res, MotionModule):
+        raise WeightlabError(f"{path}: is a {type(res).__name__}, not a motion module. Fix: pass a MotionAdapter folder "
+                             "or an AnimateDiff motion-module file.")
+    adapter = MotionAdapter(**res.config)
+    adapter.load_state_dict({k: v.clone() for k, v in res.weights.items()})
+    return adapter
+
+
+def new_motion_adapter(config: dict, seed: int):
+    """A fresh MotionAdapter (seeded) whose temporal transformers end in a zero ``proj_out``: the motion branch is off."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(**config)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if ".proj_out." in name:
+                p.zero_()
+    return adapter
+
+
+def adapter_config(adapter) -> dict:
+    """A MotionAdapter's constructor arguments (JSON-ready)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in adapter.config.items() if not k.startswith("_")}
+
+
+def motion_unet(unet, adapter, *, base: object):
+    """``UNetMotionModel.from_unet2d(unet, adapter)``, or a clear error when the module does not fit the base."""
+    from diffusers import UNetMotionModel
+
+    try:
+        return UNetMotionModel.from_unet2d(unet, adapter)
+    except (ValueError, RuntimeError) as e:
+        raise ShapeMismatchError(f"the motion module does not fit the base {base}: {e}. Fix: use a motion module "
+                                 "made for this base's block layout and widths.") from e
+
+
+def save_motion_module(cfg, models: BaseModels, unet, config: dict, *, trainer: str,
+                       folder: str = "motion_module", file: str = "motion_module_animatediff.safetensors") -> list[Path]:
+    """The motion modules of ``unet`` (a UNetMotionModel) as a diffusers MotionAdapter folder and as an
+    original-layout AnimateDiff file under ``cfg.output_dir``, both with the run's metadata (schedule, solver) in
+    their safetensors header. Returns ``[folder, file]``."""
+    from diffusers import MotionAdapter
+
+    from weightlab.files import save_tensors
+    from weightlab.formats.motion import to_original_names
+
+    adapter = MotionAdapter(**config)
+    adapter.load_state_dict({k: v for k, v in unet.state_dict().items() if ".motion_modules." in k})
+    meta = output_metadata(cfg, models, trainer=trainer, kind="motion", representation="module")
+    meta["weightlab.config"] = json.dumps(config)
+    out = Path(cfg.output_dir) / folder
+    adapter.save_config(out)  # the folder MotionAdapter.save_pretrained writes, with our metadata in the weights
+    save_tensors(adapter.state_dict(), out / "diffusion_pytorch_model.safetensors", {"format": "pt", **meta})
+    original = to_original_names(adapter.state_dict(), with_pos_encoder=True)
+    return [out, save_tensors(original, Path(cfg.output_dir) / file, meta)]
+
+
 def output_metadata(cfg, models: BaseModels, *, trainer: str, kind: str, representation: str) -> dict[str, str]:
     """safetensors ``__metadata__`` of a trained residual: kind/family for ``weightlab.load``, the full config, and
     the noise schedule trained under (with the DDIM solver's N, k and σ_d for a consistency distillation), which
@@ -226,34 +337,40 @@ def _keep_trainable(models, weights, _output_dir) -> None:
 
 @dataclass
 class TrainResult:
-    """What a run produced. ``finished`` is False when it stopped early (``stop_after``) after a checkpoint."""
+    """What a run produced. ``finished`` is False when it stopped early (``stop_after``) after a checkpoint.
+    ``outputs[0]`` is the main output, of Eq. 2 kind ``kind`` (what an entry point registers)."""
 
     output_dir: Path
     outputs: list[Path]
     step: int
     finished: bool
+    kind: str
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
-    registered: list[str] = field(default_factory=list)
     steps_per_second: float = 0.0  # optimizer steps of this call's loop per second (setup and saving excluded)
 
 
 class Run:
-    """Bookkeeping of one training run around the trainer's own loop.
+    """Bookkeeping of one training run around the trainer's own loop: resume before it, the tail of each step and
+    the end of the run.
 
     Example (inside a trainer):
-        >>> run = Run(accelerator, cfg, "image-lcm")                     # doctest: +SKIP
-        >>> start = run.resume()                                         # doctest: +SKIP
-        >>> run.end_step(loss, grad_norm, lr)                            # doctest: +SKIP
+        >>> run = Run(accelerator, cfg, "image-lcm", kind="image_accel", validate=sample)   # doctest: +SKIP
+        >>> start = run.resume()                                                          # doctest: +SKIP
+        >>> run.end_step(loss, grad_norm, lr)                                             # doctest: +SKIP
+        >>> return run.finish(save)                                                       # doctest: +SKIP
     """
 
-    def __init__(self, accelerator, cfg, name: str, *, extra_state=()):
-        self.acc, self.cfg, self.name = accelerator, cfg, name
+    def __init__(self, accelerator, cfg, name: str, *, kind: str, validate: Callable[[int], object] | None = None,
+                 extra_state=()):
+        """``validate(step)`` writes validation samples (main process only); ``extra_state``: more checkpointed objects."""
+        self.acc, self.cfg, self.name, self.kind = accelerator, cfg, name, kind
         self.state = TrainState()
         self.dir = Path(cfg.output_dir)
         self.checkpoints = self.dir / "checkpoints"
         accelerator.register_save_state_pre_hook(_keep_trainable)
         accelerator.register_for_checkpointing(self.state, *extra_state)
+        self._validate = validate
         self._bar = None
         self._t0 = self._s0 = 0.0
         self._saved = -1  # step of the last checkpoint written by this run
@@ -280,7 +397,8 @@ class Run:
         return self.state.step
 
     def end_step(self, loss: float, grad_norm: float, lr: float) -> None:
-        """Record one optimizer step: history, TensorBoard, bar; checkpoint every ``checkpoint_every`` steps."""
+        """Record one optimizer step: history, TensorBoard, bar; a checkpoint every ``checkpoint_every`` steps and
+        validation samples every ``validate_every`` steps."""
         s = self.state
         s.step += 1
         s.losses.append(loss)
@@ -291,6 +409,13 @@ class Run:
         self._bar.set_postfix(loss=f"{loss:.4g}", steps_per_s=f"{self.steps_per_second:.2f}")
         if s.step % self.cfg.checkpoint_every == 0:
             self.checkpoint()
+        if self.cfg.validate_every > 0 and s.step % self.cfg.validate_every == 0:
+            self.validate()
+
+    def validate(self) -> None:
+        """Validation samples of this step (main process; none without ``validation_prompts``)."""
+        if self._validate is not None and self.acc.is_main_process and self.cfg.validation_prompts:
+            self._validate(self.state.step)
 
     def checkpoint(self) -> Path:
         """``accelerator.save_state`` to ``checkpoints/step-NNNNNNNN``; keeps the newest ``checkpoints_keep``."""
@@ -305,21 +430,28 @@ class Run:
                 shutil.rmtree(old)
         return path
 
-    def due(self, every: int) -> bool:
-        return every > 0 and self.state.step % every == 0
-
     @property
     def steps_per_second(self) -> float:
         return (self.state.step - self._s0) / max(self._t_last - self._t0, 1e-9)
 
-    def finish(self, outputs: list[Path], *, finished: bool, registered: list[str] = ()) -> TrainResult:
-        """Close the bar and trackers; plot ``loss.png`` (main process)."""
+    def finish(self, save: Callable[[], list[Path]]) -> TrainResult:
+        """End the run after its loop. Stopped before ``max_steps`` (``stop_after``): a checkpoint and no output.
+        Otherwise, on the main process, the final validation samples and ``save()`` (which writes the outputs and
+        returns their paths). Then close the bar and trackers and plot ``loss.png``."""
+        finished, outputs = self.state.step >= self.cfg.max_steps, []
+        if not finished:
+            self.checkpoint()
+        else:
+            if self.acc.is_main_process:
+                self.validate()
+                outputs = list(save())
+            self.acc.wait_for_everyone()
         self._bar.close()
         if self.acc.is_main_process and self.state.losses:
             plot_losses(self.state.losses, self.dir / "loss.png", title=self.name)
         self.acc.end_training()
-        return TrainResult(self.dir, list(outputs), self.state.step, finished, list(self.state.losses),
-                           list(self.state.grad_norms), list(registered), self.steps_per_second)
+        return TrainResult(self.dir, outputs, self.state.step, finished, self.kind, list(self.state.losses),
+                           list(self.state.grad_norms), self.steps_per_second)
 
 
 def _flat(doc: dict, prefix: str = "") -> dict:
@@ -370,40 +502,46 @@ def write_gif(frames, path: Path, fps: int = 8) -> Path:
 
 
 @torch.no_grad()
-def sample_images(accelerator, models: BaseModels, unet, scheduler, prompts, *, steps: int, guidance: float,
-                  resolution: int, seed: int) -> list:
-    """One image per prompt from a StableDiffusionPipeline around the live ``unet`` (PIL images)."""
+def validation_images(cfg, accelerator, unet, models: BaseModels, step: int, *, sampler: str, steps: int,
+                      guidance: float) -> Path:
+    """One image per validation prompt from a StableDiffusionPipeline around the live ``unet``, with ``weightlab
+    generate``'s scheduler settings for ``sampler`` under the run's schedule; written as ``samples/step-N.gif``."""
     from diffusers import StableDiffusionPipeline
 
+    unet = accelerator.unwrap_model(unet)
     pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   unet=unet, scheduler=make_scheduler(sampler, models.scheduler_config, models.schedule),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     unet.eval()
     with accelerator.autocast():
-        images = [pipe(p, num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
-                       generator=torch.Generator().manual_seed(seed)).images[0] for p in prompts]
+        images = [pipe(p, num_inference_steps=steps, guidance_scale=guidance, height=cfg.data.resolution,
+                       width=cfg.data.resolution, generator=torch.Generator().manual_seed(cfg.seed)).images[0]
+                  for p in cfg.validation_prompts]
     unet.train()
-    return images
+    return write_gif(images, Path(cfg.output_dir) / "samples" / f"step-{step:08d}.gif", fps=1)
 
 
-def register_output(cfg, path: Path, *, trainer: str, kind: str, inputs: list[tuple[str, Path]]) -> str:
-    """Add ``path`` to the registry ``cfg.register_as`` names, with ``trained_from`` lineage and the full config.
+@torch.no_grad()
+def validation_videos(cfg, accelerator, unet, models: BaseModels, step: int, *, sampler: str, steps: int,
+                      guidance: float) -> list[Path]:
+    """One clip per validation prompt from an AnimateDiffPipeline around the live ``unet`` (a UNetMotionModel),
+    with ``weightlab generate``'s scheduler settings for ``sampler`` under the run's schedule; written as
+    ``samples/step-N-i.gif``."""
+    from diffusers import AnimateDiffPipeline
 
-    Args:
-        inputs: ``(role, path)`` of each input (base, teacher, frozen LoRA...); each is recorded by the tensor hash
-            of its weights file, so a registered copy of it becomes the lineage parent.
-    Returns:
-        str: the new version's reference (``ns/name@N``).
-    """
-    from weightlab.files import tensor_hash
-    from weightlab.inspect import weights_file
-    from weightlab.registry.service import Registry
-    from weightlab.registry.schemas import Derivation, LineageInput
-
-    reg_cfg = cfg.register_as
-    lineage = Derivation(relation="trained_from", inputs=[
-        LineageInput(tensor_hash=tensor_hash(weights_file(Path(p))), label=str(p), role=role) for role, p in inputs])
-    metadata = {"trainer": trainer, "training_config": json.loads(cfg.model_dump_json())}
-    with Registry(home=reg_cfg.home) as registry:
-        return registry.add(path, name=reg_cfg.name, kind=kind, tags=reg_cfg.tags, metadata=metadata, lineage=lineage).ref
+    unet = accelerator.unwrap_model(unet)
+    pipe = AnimateDiffPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=unet,
+                               motion_adapter=None,
+                               scheduler=make_scheduler(sampler, models.scheduler_config, models.schedule))
+    pipe.set_progress_bar_config(disable=True)
+    unet.eval()
+    paths = []
+    with accelerator.autocast():
+        for i, prompt in enumerate(cfg.validation_prompts):
+            frames = pipe(prompt, num_frames=cfg.data.num_frames, num_inference_steps=steps, guidance_scale=guidance,
+                          height=cfg.data.resolution, width=cfg.data.resolution,
+                          generator=torch.Generator().manual_seed(cfg.seed)).frames[0]
+            paths.append(write_gif(frames, Path(cfg.output_dir) / "samples" / f"step-{step:08d}-{i}.gif"))
+    unet.train()
+    return paths

@@ -13,18 +13,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from weightlab.errors import WeightlabError
+from weightlab.errors import WeightlabError, fmt_validation_errors
 from weightlab.schedules import ANIMATELCM
 
 # DESIGN.md "Trainers": the LCM-LoRA target list (diffusers train_lcm_distill_lora_sd_wds.py).
 LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 STYLE_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# A tiny teacher in SD1.5's block layout (cross-attention down/up blocks around a plain lowest block): 1.5 M parameters
+# with a 32-wide text encoder. in/out channels, cross_attention_dim and sample_size follow the base (see teacher.py).
+TEACHER_UNET_CONFIG = dict(
+    layers_per_block=1, block_out_channels=(32, 64, 64), attention_head_dim=8, norm_num_groups=32,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
 
 
 class _Strict(BaseModel):
@@ -64,6 +71,9 @@ class RegisterConfig(_Strict):
 class TrainConfig(_Strict):
     """Fields shared by every trainer: paths, optimisation, systems and bookkeeping."""
 
+    # input path field -> its role in the output's ``trained_from`` lineage
+    INPUTS: ClassVar[dict[str, str]] = {"base": "base"}
+
     base: Path  # diffusers Stable Diffusion pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
     output_dir: Path
     data: DataConfig
@@ -100,6 +110,20 @@ class TrainConfig(_Strict):
             raise ValueError(f"beta_start ({self.beta_start}) must be below beta_end ({self.beta_end})")
         return self
 
+    def inputs(self) -> list[tuple[str, Path]]:
+        """``(role, path)`` of each input the run reads weights from (its lineage), in field order."""
+        return [(role, getattr(self, f)) for f, role in self.INPUTS.items() if isinstance(getattr(self, f), Path)]
+
+    def resolve_inputs(self, resolve: Callable[[str], Path]):
+        """A copy whose input paths that do not exist are replaced by ``resolve(str(path))``.
+
+        The trainers read paths only; an entry point passes a resolver for other names (the registry's for
+        ``ns/name@version`` references, supplied by ``weightlab train``).
+        """
+        update = {f: Path(resolve(str(getattr(self, f)))) for f in self.INPUTS
+                  if isinstance(getattr(self, f), Path) and not getattr(self, f).exists()}
+        return self.model_copy(update=update) if update else self
+
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The config as YAML (paths as strings); written to ``path`` when given."""
         text = yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
@@ -117,6 +141,46 @@ class StyleLoRAConfig(TrainConfig):
     snr_gamma: float | None = Field(None, gt=0)  # 5.0 is the paper's value
     validation_steps: int = Field(25, ge=1)
     validation_guidance: float = 7.5
+
+
+class TeacherConfig(TrainConfig):
+    """``teacher``: train a text-conditioned UNet from scratch (ε-prediction diffusion loss) on captioned images; the
+    text encoder, VAE, tokenizer and noise schedule come from ``base``, whose own UNet is not used.
+
+    ``unet_config``: ``UNet2DConditionModel`` arguments over :data:`TEACHER_UNET_CONFIG`.
+    """
+
+    unet_config: dict[str, Any] = {}
+    learning_rate: float = Field(1e-3, gt=0)  # a from-scratch UNet, not a fine-tune
+    empty_caption_prob: float = Field(0.1, ge=0, le=1)  # unconditional samples, for classifier-free guidance
+    snr_gamma: float | None = Field(None, gt=0)
+    validation_steps: int = Field(25, ge=1)
+    validation_guidance: float = 7.5
+
+
+class MotionModuleConfig(TrainConfig):
+    """``motion-module``: the AnimateDiff stage. The base UNet is frozen; a motion module (``MotionAdapter`` layout)
+    learns the ε-prediction loss on video clips.
+
+    ``init_motion``: None starts a fresh module (``proj_out`` zero-initialised: the motion branch starts off) whose
+    ``MotionAdapter`` config follows the base's block widths and layers, with ``motion_config`` over it; a path
+    continues from that module.
+    """
+
+    INPUTS: ClassVar[dict[str, str]] = {"base": "base", "init_motion": "init"}
+
+    init_motion: Path | None = None
+    motion_config: dict[str, Any] = {}
+    empty_caption_prob: float = Field(0.1, ge=0, le=1)
+    snr_gamma: float | None = Field(None, gt=0)
+    validation_steps: int = Field(25, ge=1)
+    validation_guidance: float = 7.5
+
+    @model_validator(mode="after")
+    def _one_init(self):
+        if self.init_motion is not None and self.motion_config:
+            raise ValueError("motion_config describes a fresh module; init_motion brings its own config: set one of them")
+        return self
 
 
 class _DistillConfig(TrainConfig):
@@ -158,15 +222,36 @@ class MotionLCMConfig(_DistillConfig):
 
     ``teacher_motion`` is the motion module of the teacher (base + it, with CFG). ``init_motion`` starts the
     student: ``teacher`` (a copy of the teacher's module), ``new`` (fresh, ``proj_out`` zero-initialised) or a path.
+    ``coupled``: the paper's ablation — no ``image_lora``; a fresh spatial LoRA (``rank``, ``lora_alpha``,
+    ``target_modules``) is distilled on video together with the motion module, and both are output.
     """
 
-    image_lora: Path
+    INPUTS: ClassVar[dict[str, str]] = {"base": "base", "image_lora": "image_accel", "teacher_motion": "teacher",
+                                        "init_motion": "init"}
+
+    image_lora: Path | None = None  # required unless coupled
     teacher_motion: Path
     init_motion: Literal["teacher", "new"] | Path = "teacher"
     ema_decay: float = Field(0.95, ge=0, lt=1)
     empty_caption_prob: float = Field(0.1, ge=0, le=1)
+    coupled: bool = False
+    rank: int = Field(64, ge=1)  # coupled mode: the spatial LoRA's
+    lora_alpha: float | None = None
+    target_modules: tuple[str, ...] = LCM_LORA_TARGETS
+
+    @model_validator(mode="after")
+    def _image_lora_iff_decoupled(self):
+        if self.coupled and self.image_lora is not None:
+            raise ValueError("coupled mode trains its own spatial LoRA: drop image_lora (or set coupled: false)")
+        if not self.coupled and self.image_lora is None:
+            raise ValueError("image_lora is required (the image-lcm output) unless coupled: true")
+        return self
 
 
+# CLI name (``weightlab train NAME``) -> config class
+CONFIGS: dict[str, type[TrainConfig]] = {"teacher": TeacherConfig, "motion-module": MotionModuleConfig,
+                                         "style-lora": StyleLoRAConfig, "image-lcm": ImageLCMConfig,
+                                         "motion-lcm": MotionLCMConfig}
 C = TypeVar("C", bound=TrainConfig)
 
 
@@ -185,6 +270,5 @@ def load_config(path: str | Path, cls: type[C]) -> C:
     try:
         return cls.model_validate(doc)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
-        raise WeightlabError(f"{path}: invalid {cls.__name__}: {problems}. Fix: correct these fields "
+        raise WeightlabError(f"{path}: invalid {cls.__name__}: {fmt_validation_errors(e.errors(), '(top)')}. Fix: correct these fields "
                              f"(the fields of {cls.__name__} are listed in docs/training.md).") from None

@@ -19,7 +19,6 @@ import copy
 import torch
 
 from weightlab.files import save_tensors
-from weightlab.schedules import make_scheduler
 from weightlab.train import common
 from weightlab.train.config import ImageLCMConfig
 from weightlab.train.consistency import DDIMSolver, distillation_loss
@@ -32,16 +31,6 @@ OUTPUT = "lcm_lora.safetensors"
 def build_teacher(models: common.BaseModels, dtype: torch.dtype):
     """A frozen copy of the base UNet (cast to the mixed-precision dtype)."""
     return copy.deepcopy(models.unet).to(dtype=dtype).requires_grad_(False).eval()
-
-
-def build_student(cfg: ImageLCMConfig, models: common.BaseModels):
-    """The base UNet with a fresh trainable LCM-LoRA (seeded: every process starts from the same factors)."""
-    torch.manual_seed(cfg.seed)
-    unet = models.unet
-    common.add_lora(unet, rank=cfg.rank, alpha=cfg.lora_alpha, targets=cfg.target_modules)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return unet.train()
 
 
 def lcm_loss(cfg: ImageLCMConfig, accelerator, unet, teacher, models: common.BaseModels, solver: DDIMSolver,
@@ -67,15 +56,6 @@ def lcm_loss(cfg: ImageLCMConfig, accelerator, unet, teacher, models: common.Bas
             timestep_scaling=cfg.timestep_scaling, loss=cfg.loss, huber_c=cfg.huber_c)
 
 
-def validate(cfg: ImageLCMConfig, accelerator, unet, models: common.BaseModels, step: int):
-    """Sample the validation prompts in 4 LCM steps without CFG (``weightlab generate``'s scheduler settings under the
-    run's schedule); one GIF frame per prompt."""
-    images = common.sample_images(accelerator, models, accelerator.unwrap_model(unet),
-                                  make_scheduler("lcm", models.scheduler_config, models.schedule), cfg.validation_prompts,
-                                  steps=4, guidance=1.0, resolution=cfg.data.resolution, seed=cfg.seed)
-    return common.write_gif(images, cfg.output_dir / "samples" / f"step-{step:08d}.gif", fps=1)
-
-
 def train(cfg: ImageLCMConfig, *, stop_after: int | None = None) -> common.TrainResult:
     """Run (or resume) LCM-LoRA distillation of ``cfg.base``.
 
@@ -88,13 +68,15 @@ def train(cfg: ImageLCMConfig, *, stop_after: int | None = None) -> common.Train
     acc = common.build_accelerator(cfg, NAME)
     models = common.load_base(cfg, acc.device, common.weight_dtype(acc))
     teacher = build_teacher(models, common.weight_dtype(acc))
-    unet = build_student(cfg, models)
+    unet = common.build_lora_student(cfg, models)
     solver = DDIMSolver.from_schedule(models.alphas_cumprod.cpu(), cfg.num_ddim_timesteps)
     uncond = common.encode_prompts(models, [""], acc.device)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer, lr_scheduler = common.build_optimizer(cfg, params)
     unet, optimizer, lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
-    run = common.Run(acc, cfg, NAME)
+    # validation: 4 LCM steps without CFG (``weightlab generate``'s scheduler settings)
+    run = common.Run(acc, cfg, NAME, kind="image_accel", validate=lambda step: common.validation_images(
+        cfg, acc, unet, models, step, sampler="lcm", steps=4, guidance=1.0))
     start = run.resume()
     batches = iter(build_loader(build_dataset(cfg.data, video=False), batch_size=cfg.batch_size,
                                 world_size=acc.num_processes, rank=acc.process_index, seed=cfg.seed,
@@ -114,21 +96,10 @@ def train(cfg: ImageLCMConfig, *, stop_after: int | None = None) -> common.Train
             micro_losses.append(acc.gather(loss.detach()).mean().item())
         lr_scheduler.step()
         run.end_step(sum(micro_losses) / len(micro_losses), grad_norm, lr_scheduler.get_last_lr()[0])
-        if run.due(cfg.validate_every) and acc.is_main_process and cfg.validation_prompts:
-            validate(cfg, acc, unet, models, run.state.step)
 
-    if run.state.step < cfg.max_steps:
-        run.checkpoint()
-        return run.finish([], finished=False)
-    outputs, registered = [], []
-    if acc.is_main_process:
-        if cfg.validation_prompts:
-            validate(cfg, acc, unet, models, run.state.step)
+    def save():
         tensors = common.lora_tensors(acc.unwrap_model(unet), rank=cfg.rank, alpha=cfg.lora_alpha)
         meta = common.output_metadata(cfg, models, trainer=NAME, kind="image_accel", representation="lora")
-        outputs.append(save_tensors(tensors, cfg.output_dir / OUTPUT, meta))
-        if cfg.register_as is not None:
-            registered.append(common.register_output(cfg, outputs[0], trainer=NAME, kind="image_accel",
-                                                     inputs=[("base", cfg.base)]))
-    acc.wait_for_everyone()
-    return run.finish(outputs, finished=True, registered=registered)
+        return [save_tensors(tensors, cfg.output_dir / OUTPUT, meta)]
+
+    return run.finish(save)

@@ -13,58 +13,30 @@ The loss and solver are the image stage's (:func:`~weightlab.train.consistency.d
 AnimateLCM's linear β schedule and 10% empty captions by default; an image LoRA recorded as distilled under another
 schedule is refused. Outputs: ``motion_module/`` (diffusers
 MotionAdapter folder) and ``motion_module_animatediff.safetensors`` (original AnimateDiff keys), kind ``motion``.
+
+``coupled: true`` is the paper's ablation: no image LoRA; a fresh spatial LoRA (B = 0) on the online net trains
+together with the motion module on video, its target being the online LoRA itself under no_grad (as in
+``image-lcm``), and ``lcm_lora.safetensors`` (kind ``image_accel``) is output as well.
 """
 
 from __future__ import annotations
 
-import json
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from weightlab.errors import ShapeMismatchError, WeightlabError
 from weightlab.files import save_tensors
 from weightlab.residuals import LoRA
-from weightlab.schedules import check_distilled, make_scheduler
+from weightlab.schedules import check_distilled
 from weightlab.train import common
 from weightlab.train.config import MotionLCMConfig
 from weightlab.train.consistency import DDIMSolver, distillation_loss, ema_update_
 from weightlab.train.data import build_dataset, build_loader
 
 NAME = "motion-lcm"
-OUTPUT_DIR = "motion_module"
-OUTPUT_FILE = "motion_module_animatediff.safetensors"
-
-
-def load_motion_adapter(path):
-    """A diffusers ``MotionAdapter`` from a MotionAdapter folder or an AnimateDiff/AnimateLCM file (via ``weightlab.load``)."""
-    from diffusers import MotionAdapter
-
-    from weightlab.loading import load
-    from weightlab.residuals import MotionModule
-
-    res = load(path)
-    if not isinstance(res, MotionModule):
-        raise WeightlabError(f"{path}: is a {type(res).__name__}, not a motion module. Fix: pass a MotionAdapter folder "
-                             "or an AnimateDiff motion-module file.")
-    adapter = MotionAdapter(**res.config)
-    adapter.load_state_dict({k: v.clone() for k, v in res.weights.items()})
-    return adapter
-
-
-def new_motion_adapter(config: dict, seed: int):
-    """A fresh MotionAdapter (seeded) whose temporal transformers end in a zero ``proj_out``: the motion branch is off."""
-    from diffusers import MotionAdapter
-
-    torch.manual_seed(seed)
-    adapter = MotionAdapter(**config)
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            if ".proj_out." in name:
-                p.zero_()
-    return adapter
+LORA_OUTPUT = "lcm_lora.safetensors"
 
 
 def load_image_lora(path, device: torch.device):
@@ -107,44 +79,70 @@ def set_lora_weight(weights: dict, pristine: dict, lora, scale: float) -> None:
         w.copy_((pristine[path] + scale * lora.targets[path].delta(w.shape)).to(w.dtype))
 
 
+@torch.no_grad()
+def copy_lora_(target, online) -> None:
+    """Coupled mode: the target's spatial LoRA factors ← the online net's (the LCM-LoRA target, no EMA)."""
+    src = dict(online.named_parameters())
+    for name, p in target.named_parameters():
+        if ".lora_" in name:
+            p.copy_(src[name])
+
+
+def spatial_modules(unet, targets) -> list[str]:
+    """Full names of ``unet``'s modules named by ``targets`` outside the motion modules (where a spatial LoRA goes)."""
+    return sorted(n for n, _ in unet.named_modules() if "motion_modules" not in n.split(".")
+                  and any(n == t or n.endswith("." + t) for t in targets))
+
+
 @dataclass
 class Networks:
-    """The three UNetMotionModels of the motion stage and what the loop needs to keep the target's LoRA exact."""
+    """The three UNetMotionModels of the motion stage and what the loop needs to keep the target's LoRA exact
+    (decoupled mode; None when coupled)."""
 
     online: torch.nn.Module
     target: torch.nn.Module
     teacher: torch.nn.Module
-    lora: LoRA  # the frozen image LCM-LoRA
-    target_lora: dict[str, torch.nn.Parameter]  # the target's weights the LoRA changes
-    pristine: dict[str, torch.Tensor]  # their base values w0 (fp32)
+    lora: LoRA | None  # the frozen image LCM-LoRA
+    target_lora: dict[str, torch.nn.Parameter] | None  # the target's weights the LoRA changes
+    pristine: dict[str, torch.Tensor] | None  # their base values w0 (fp32)
     adapter_config: dict  # MotionAdapter config of the student
 
 
 def build_networks(cfg: MotionLCMConfig, models: common.BaseModels, dtype: torch.dtype) -> Networks:
     """Online, target and teacher UNetMotionModels, each built over a copy of the base UNet."""
-    from diffusers import UNetMotionModel
-
-    teacher_adapter = load_motion_adapter(cfg.teacher_motion)
+    teacher_adapter = common.load_motion_adapter(cfg.teacher_motion)
     if cfg.init_motion == "teacher":
         init = teacher_adapter
     elif cfg.init_motion == "new":
-        init = new_motion_adapter(_config(teacher_adapter), cfg.seed)
+        init = common.new_motion_adapter(common.adapter_config(teacher_adapter), cfg.seed)
     else:
-        init = load_motion_adapter(cfg.init_motion)
+        init = common.load_motion_adapter(cfg.init_motion)
     device = models.unet.device
+    if cfg.coupled:
+        teacher = common.motion_unet(models.unet, teacher_adapter, base=cfg.base).to(device, dtype)
+        online = common.motion_unet(models.unet, init, base=cfg.base).to(device).requires_grad_(False)
+        # the target stays fp32 whatever the mixed precision: its EMA accumulates small updates
+        target = common.motion_unet(models.unet, init, base=cfg.base).to(device)
+        targets = spatial_modules(online, cfg.target_modules)
+        for net in (online, target):
+            torch.manual_seed(cfg.seed)  # the same fresh factors in both (B = 0: the LoRA starts off)
+            common.add_lora(net, rank=cfg.rank, alpha=cfg.lora_alpha, targets=targets)
+        for name, p in online.named_parameters():
+            p.requires_grad_(".lora_" in name or ".motion_modules." in name)  # the LoRA and the motion module train
+        if cfg.gradient_checkpointing:
+            online.enable_gradient_checkpointing()
+        return Networks(online.train(), target.requires_grad_(False).eval(), teacher.requires_grad_(False).eval(),
+                        None, None, None, common.adapter_config(init))
+
     lora = load_image_lora(cfg.image_lora, device)
     check_distilled(lora.metadata, models.schedule, source=f"image_lora {cfg.image_lora}",
                     user="this motion stage (and the video sampler after it)",
                     fix="distil the image LCM-LoRA again with image-lcm's default schedule (AnimateLCM's linear beta "
                         "0.00085-0.012) or the same beta_schedule/beta_start/beta_end as this motion-lcm config.")
     base = dict(models.unet.named_parameters())
-
-    try:
-        teacher = UNetMotionModel.from_unet2d(models.unet, teacher_adapter).to(device, dtype).requires_grad_(False).eval()
-        online = UNetMotionModel.from_unet2d(models.unet, init).to(device)
-    except (ValueError, RuntimeError) as e:
-        raise ShapeMismatchError(f"the motion module does not fit the base {cfg.base}: {e}. Fix: use a motion module "
-                                 "made for this base's block layout and widths (teacher_motion, init_motion).") from e
+    teacher = common.motion_unet(models.unet, teacher_adapter, base=cfg.base).to(device, dtype)
+    teacher = teacher.requires_grad_(False).eval()
+    online = common.motion_unet(models.unet, init, base=cfg.base).to(device)
     online_lora = lora_weights(online, lora)
     pristine = {path: base[f"{path}.weight"] for path in online_lora}
     set_lora_weight(online_lora, pristine, lora, 1.0)
@@ -152,12 +150,9 @@ def build_networks(cfg: MotionLCMConfig, models: common.BaseModels, dtype: torch
     if cfg.gradient_checkpointing:
         online.enable_gradient_checkpointing()
     # the target stays fp32 whatever the mixed precision: its EMA accumulates small updates
-    target = UNetMotionModel.from_unet2d(models.unet, init).to(device).requires_grad_(False).eval()
-    return Networks(online.train(), target, teacher, lora, lora_weights(target, lora), pristine, _config(init))
-
-
-def _config(adapter) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in adapter.config.items() if not k.startswith("_")}
+    target = common.motion_unet(models.unet, init, base=cfg.base).to(device).requires_grad_(False).eval()
+    return Networks(online.train(), target, teacher, lora, lora_weights(target, lora), pristine,
+                    common.adapter_config(init))
 
 
 def motion_loss(cfg: MotionLCMConfig, accelerator, online, target, teacher, models: common.BaseModels,
@@ -183,55 +178,15 @@ def motion_loss(cfg: MotionLCMConfig, accelerator, online, target, teacher, mode
             timestep_scaling=cfg.timestep_scaling, loss=cfg.loss, huber_c=cfg.huber_c)
 
 
-def validate(cfg: MotionLCMConfig, accelerator, online, models: common.BaseModels, step: int) -> list:
-    """One GIF per validation prompt: AnimateDiffPipeline around the online model, 4 LCM steps, no CFG
-    (``weightlab generate``'s scheduler settings under the run's schedule)."""
-    from diffusers import AnimateDiffPipeline
-
-    unet = accelerator.unwrap_model(online)
-    scheduler = make_scheduler("lcm", models.scheduler_config, models.schedule)
-    pipe = AnimateDiffPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=unet,
-                               motion_adapter=None, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    unet.eval()
-    paths = []
-    with accelerator.autocast(), torch.no_grad():
-        for i, prompt in enumerate(cfg.validation_prompts):
-            frames = pipe(prompt, num_frames=cfg.data.num_frames, num_inference_steps=4, guidance_scale=1.0,
-                          height=cfg.data.resolution, width=cfg.data.resolution,
-                          generator=torch.Generator().manual_seed(cfg.seed)).frames[0]
-            paths.append(common.write_gif(frames, cfg.output_dir / "samples" / f"step-{step:08d}-{i}.gif"))
-    unet.train()
-    return paths
-
-
-def save_motion_module(cfg: MotionLCMConfig, online, config: dict, models: common.BaseModels) -> list:
-    """The trained motion module as a diffusers MotionAdapter folder and as an original-layout AnimateDiff file,
-    both with the run's metadata (schedule, solver) in their safetensors header."""
-    from diffusers import MotionAdapter
-
-    from weightlab.formats.motion import to_original_names
-
-    adapter = MotionAdapter(**config)
-    adapter.load_state_dict({k: v for k, v in online.state_dict().items() if ".motion_modules." in k})
-    meta = common.output_metadata(cfg, models, trainer=NAME, kind="motion", representation="module")
-    meta["weightlab.config"] = json.dumps(config)
-    folder = cfg.output_dir / OUTPUT_DIR
-    adapter.save_config(folder)  # the folder MotionAdapter.save_pretrained writes, with our metadata in the weights
-    save_tensors(adapter.state_dict(), folder / "diffusion_pytorch_model.safetensors", {"format": "pt", **meta})
-    original = to_original_names(adapter.state_dict(), with_pos_encoder=True)
-    file = save_tensors(original, cfg.output_dir / OUTPUT_FILE, meta)
-    return [folder, file]
-
-
 def train(cfg: MotionLCMConfig, *, stop_after: int | None = None) -> common.TrainResult:
-    """Run (or resume) motion-module consistency distillation.
+    """Run (or resume) motion-module consistency distillation (with a spatial LoRA when ``cfg.coupled``).
 
     Args:
         cfg (MotionLCMConfig): the run.
         stop_after (int | None, default None): stop after this many total steps with a checkpoint and no output.
     Returns:
-        TrainResult: output paths (folder, AnimateDiff file), final step, per-step losses and gradient norms.
+        TrainResult: output paths (folder, AnimateDiff file, and the spatial LoRA when coupled), final step,
+        per-step losses and gradient norms.
     """
     acc = common.build_accelerator(cfg, NAME)
     dtype = common.weight_dtype(acc)
@@ -240,11 +195,16 @@ def train(cfg: MotionLCMConfig, *, stop_after: int | None = None) -> common.Trai
     solver = DDIMSolver.from_schedule(models.alphas_cumprod.cpu(), cfg.num_ddim_timesteps)
     uncond = common.encode_prompts(models, [""], acc.device)
     target_params = dict(nets.target.named_parameters())
-    ema = {n: target_params[n] for n, p in nets.online.named_parameters() if p.requires_grad}  # θ⁻ of motion params
+    ema = {n: target_params[n] for n, p in nets.online.named_parameters()  # θ⁻ of the motion parameters
+           if p.requires_grad and ".motion_modules." in n}
     params = [p for p in nets.online.parameters() if p.requires_grad]
+    motion_params = [p for n, p in nets.online.named_parameters() if n in ema]
     optimizer, lr_scheduler = common.build_optimizer(cfg, params)
     online, optimizer, lr_scheduler = acc.prepare(nets.online, optimizer, lr_scheduler)
-    run = common.Run(acc, cfg, NAME, extra_state=[common.ParamState(ema)])
+    # validation: 4 LCM steps without CFG (``weightlab generate``'s scheduler settings)
+    run = common.Run(acc, cfg, NAME, kind="motion", extra_state=[common.ParamState(ema)],
+                     validate=lambda step: common.validation_videos(cfg, acc, online, models, step, sampler="lcm",
+                                                                    steps=4, guidance=1.0))
     start = run.resume()
     batches = iter(build_loader(build_dataset(cfg.data, video=True), batch_size=cfg.batch_size,
                                 world_size=acc.num_processes, rank=acc.process_index, seed=cfg.seed,
@@ -252,8 +212,10 @@ def train(cfg: MotionLCMConfig, *, stop_after: int | None = None) -> common.Trai
     last = min(cfg.max_steps, stop_after or cfg.max_steps)
 
     while run.state.step < last:
-        # the target's LoRA weight follows the EMA of a parameter that starts at 0: λ_n = 1 − μ^n
-        set_lora_weight(nets.target_lora, nets.pristine, nets.lora, 1.0 - cfg.ema_decay ** run.state.step)
+        if cfg.coupled:  # the spatial LoRA's target is the online LoRA itself, as in image-lcm
+            copy_lora_(nets.target, acc.unwrap_model(online))
+        else:  # the target's LoRA weight follows the EMA of a parameter that starts at 0: λ_n = 1 − μ^n
+            set_lora_weight(nets.target_lora, nets.pristine, nets.lora, 1.0 - cfg.ema_decay ** run.state.step)
         micro_losses = []
         for _ in range(cfg.gradient_accumulation_steps):
             with acc.accumulate(online):
@@ -265,23 +227,16 @@ def train(cfg: MotionLCMConfig, *, stop_after: int | None = None) -> common.Trai
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(acc.gather(loss.detach()).mean().item())
         lr_scheduler.step()
-        ema_update_(ema.values(), params, cfg.ema_decay)
+        ema_update_(ema.values(), motion_params, cfg.ema_decay)
         run.end_step(sum(micro_losses) / len(micro_losses), grad_norm, lr_scheduler.get_last_lr()[0])
-        if run.due(cfg.validate_every) and acc.is_main_process and cfg.validation_prompts:
-            validate(cfg, acc, online, models, run.state.step)
 
-    if run.state.step < cfg.max_steps:
-        run.checkpoint()
-        return run.finish([], finished=False)
-    outputs, registered = [], []
-    if acc.is_main_process:
-        if cfg.validation_prompts:
-            validate(cfg, acc, online, models, run.state.step)
-        outputs = save_motion_module(cfg, acc.unwrap_model(online), nets.adapter_config, models)
-        if cfg.register_as is not None:
-            inputs = [("base", cfg.base), ("image_accel", cfg.image_lora), ("teacher", cfg.teacher_motion)]
-            if isinstance(cfg.init_motion, Path):
-                inputs.append(("init", cfg.init_motion))
-            registered.append(common.register_output(cfg, outputs[0], trainer=NAME, kind="motion", inputs=inputs))
-    acc.wait_for_everyone()
-    return run.finish(outputs, finished=True, registered=registered)
+    def save():
+        unet = acc.unwrap_model(online)
+        outputs = common.save_motion_module(cfg, models, unet, nets.adapter_config, trainer=NAME)
+        if cfg.coupled:
+            meta = common.output_metadata(cfg, models, trainer=NAME, kind="image_accel", representation="lora")
+            tensors = common.lora_tensors(unet, rank=cfg.rank, alpha=cfg.lora_alpha)
+            outputs.append(save_tensors(tensors, cfg.output_dir / LORA_OUTPUT, meta))
+        return outputs
+
+    return run.finish(save)

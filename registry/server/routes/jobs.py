@@ -8,8 +8,7 @@ from fastapi import APIRouter, Path, Query, Request
 
 from weightlab.registry import jobs
 from weightlab.registry.db import transaction
-from weightlab.registry.jobs import JobCreate, JobPublic, JobStatus
-from weightlab.registry.schemas import Ref
+from weightlab.registry.schemas import JobCreate, JobPublic, JobStatus, Ref
 from weightlab.registry.server.deps import AccessDep, PrincipalDep, RegistryDep
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -36,9 +35,7 @@ def submit_job(body: JobCreate, request: Request, registry: RegistryDep, access:
 def get_job(job_id: Annotated[int, Path(ge=1, le=2**62)], registry: RegistryDep, access: AccessDep) -> JobPublic:
     """A job whose result goes to a namespace the caller may read; any other answers 404, exactly as an id that
     does not exist."""
-    readable = access.readable()
-    with transaction(registry.engine) as s:
-        return jobs.public(jobs.get_job(s, job_id=job_id, namespaces=readable))
+    return registry.job(job_id, namespaces=access.readable())
 
 
 @router.get("", response_model=list[JobPublic], summary="List jobs")
@@ -46,6 +43,4 @@ def list_jobs(registry: RegistryDep, access: AccessDep, status: JobStatus | None
               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
               offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> list[JobPublic]:
     """Jobs whose results go to namespaces the caller may read, newest first."""
-    with transaction(registry.engine) as s:
-        return [jobs.public(j) for j in jobs.list_jobs(s, namespaces=access.readable(), status=status,
-                                                       limit=limit, offset=offset)]
+    return registry.jobs(status=status, limit=limit, offset=offset, namespaces=access.readable())

@@ -5,10 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from weightlab.errors import RegistryError
-from weightlab.registry.schemas import Ref, VersionInfo
+from weightlab.registry.schemas import AliasUpdate, Ref, TagsUpdate, VersionInfo
 from weightlab.registry.server.deps import (AliasPath, NamePath, RegistryDep, VersionPath, WriteNamespace,
                                             version_ref)
-from weightlab.registry.server.schemas import AliasUpdate, TagsUpdate
 
 router = APIRouter(tags=["aliases and tags"])
 

@@ -6,8 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from weightlab.registry.auth import ALL
-from weightlab.registry.schemas import GcReport, VerifyReport
+from weightlab.registry.schemas import ALL, GcReport, VerifyReport
 from weightlab.registry.server.deps import AccessDep, RegistryDep
 
 router = APIRouter(prefix="/maintenance", tags=["maintenance"])

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 
 from weightlab.registry import auth
-from weightlab.registry.auth import TokenCreate, TokenCreated, TokenPublic
 from weightlab.registry.db import transaction
+from weightlab.registry.schemas import ALL, TokenCreate, TokenCreated, TokenPublic
 from weightlab.registry.server.deps import AccessDep, PrincipalDep, RegistryDep
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
@@ -20,8 +20,8 @@ def create_token(body: TokenCreate, registry: RegistryDep, access: AccessDep) ->
     """A new token for a namespace the caller administers (``*``: only with an admin token for ``*``).
     The response holds the secret; it is not stored and cannot be shown again."""
     access.require(body.namespace, "admin")
-    with transaction(registry.engine, write=True) as s:
-        return auth.create_token(s, spec=body)
+    return registry.create_token(namespace=body.namespace, scope=body.scope, name=body.name,
+                                 expires_in_days=body.expires_in_days)
 
 
 @router.get("", response_model=list[TokenPublic], summary="List tokens")
@@ -29,8 +29,7 @@ def list_tokens(registry: RegistryDep, principal: PrincipalDep, access: AccessDe
     """The tokens of the namespace the caller administers (all tokens with admin on ``*``); never their secrets."""
     access.require_token()
     access.require(principal.namespace, "admin")
-    with transaction(registry.engine) as s:
-        return auth.list_tokens(s, namespace=None if principal.namespace == auth.ALL else principal.namespace)
+    return registry.tokens(namespaces=None if principal.namespace == ALL else {principal.namespace})
 
 
 @router.get("/current", response_model=TokenPublic, summary="The token sent with this request")
@@ -49,6 +48,5 @@ def delete_token(token_id: TokenId, registry: RegistryDep, access: AccessDep) ->
         token = auth.get_token(s, token_id=token_id)
     if token_id != access.principal.token_id and not access.principal.grants(token.namespace, "admin"):
         raise auth.token_not_found(token_id)  # exactly as if it did not exist: ids reveal nothing
-    with transaction(registry.engine, write=True) as s:
-        auth.delete_token(s, token_id=token_id)
+    registry.revoke_token(token_id)
     return Response(status_code=204)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from weightlab.formats.algebra import Algebra, Factors, register, shape_text
+from weightlab.formats.algebra.base import Algebra, Factors, register, shape_text
 
 SUFFIXES = {".diff": "diff", ".diff_b": "diff_b"}
 

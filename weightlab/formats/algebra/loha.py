@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from weightlab.formats.algebra import Algebra, Factors, fold_spatial, register, shape_text, tucker
+from weightlab.formats.algebra.base import Algebra, Factors, fold_spatial, register, shape_text, tucker
 
 SUFFIXES = {".hada_w1_a": "hada_w1_a", ".hada_w1_b": "hada_w1_b", ".hada_w2_a": "hada_w2_a",
             ".hada_w2_b": "hada_w2_b", ".hada_t1": "hada_t1", ".hada_t2": "hada_t2"}

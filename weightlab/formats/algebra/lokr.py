@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from weightlab.formats.algebra import Algebra, Factors, fold_spatial, register, shape_text, tucker
+from weightlab.formats.algebra.base import Algebra, Factors, fold_spatial, register, shape_text, tucker
 
 SUFFIXES = {f".lokr_{n}": f"lokr_{n}" for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")}
 

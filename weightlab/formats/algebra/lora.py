@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from weightlab.formats.algebra import Algebra, Factors, fold_spatial, register, shape_text
+from weightlab.formats.algebra.base import Algebra, Factors, fold_spatial, register, shape_text
 
 SUFFIXES = {
     ".lora_A.default.weight": "down", ".lora_B.default.weight": "up",

@@ -1,15 +1,10 @@
-"""Merge and export jobs: queued in the registry's database, run by workers, results registered with lineage.
+"""The job queue and its workers, and the contract every job kind (:class:`Runner`) fills.
 
 The queue is the ``jobs`` table, so any number of workers (threads of ``weightlab serve``, or ``weightlab
 worker`` processes on other machines) can share one PostgreSQL database: a worker claims the oldest queued job
 with ``SELECT ... FOR UPDATE SKIP LOCKED`` (SQLite serialises writers instead), marks it running, and sends a
 heartbeat while it works. A running job whose heartbeat is older than the lease is taken over by another worker
 (its worker died), at most ``max_attempts`` runs in all.
-
-A job kind is a :class:`Runner`: a pydantic model of its parameters, the namespace its result goes to, the
-registry references it reads, and a function that produces the result as a registered version.
-``merge`` is built in; :mod:`weightlab.registry.export_job` adds ``export`` (ONNX); another module adds a kind with
-:func:`register_runner`.
 
 Example:
     >>> spec = JobCreate(kind="merge", params={"recipe": {...}, "output": "team/anim"})   # doctest: +SKIP
@@ -26,53 +21,19 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from weightlab.errors import NotFoundError, RegistryError, WeightlabError
-from weightlab.recipe import Recipe
+from weightlab.errors import JobSpecError, NotFoundError, RegistryError, WeightlabError, fmt_validation_errors
 from weightlab.registry.db import transaction
 from weightlab.registry.models import Job
-from weightlab.registry.schemas import (Derivation, Ref, VersionInfo, check_finite, check_json, check_label,
-                                        check_registered, stored_json)
+from weightlab.registry.schemas import (JobBase, JobPublic, JobStatus, Ref, VersionInfo, check_json, check_label,
+                                        stored_json)
 
 log = logging.getLogger(__name__)
-
-JobStatus = Literal["queued", "running", "succeeded", "failed"]
-
-
-class JobSpecError(RegistryError):
-    """A job's kind or parameters are not valid (HTTP 422)."""
-
-
-class JobBase(BaseModel):
-    kind: str = Field(description="what to run: merge or export (more kinds plug in with register_runner)")
-    params: dict[str, Any] = Field(description="the kind's parameters, e.g. for merge: recipe, output, tags, metadata; "
-                                               "for export: source or recipe, output, dtype, opset, verify, tags, metadata")
-
-
-class JobCreate(JobBase):
-    pass
-
-
-class JobPublic(JobBase):
-    id: int
-    status: JobStatus
-    namespace: str = Field(description="where the result is registered")
-    result_ref: str | None = Field(description="the registered result, once succeeded")
-    error: str | None
-    attempts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-
-    @property
-    def done(self) -> bool:
-        return self.status in ("succeeded", "failed")
 
 
 class OutputParams(BaseModel):
@@ -102,23 +63,12 @@ class OutputParams(BaseModel):
         return check_json(metadata)
 
 
-class MergeParams(OutputParams):
-    """A merge job: run ``recipe`` (every source a registry reference) and register the output as ``output``."""
-
-    recipe: Recipe
-
-    @field_validator("recipe")
-    @classmethod
-    def _registered_sources(cls, recipe: Recipe) -> Recipe:
-        return check_registered(recipe)
-
-
 @dataclass(frozen=True)
 class Runner:
     """One kind of job.
 
     Args:
-        kind (str): its name in :class:`JobCreate`.
+        kind (str): its name in :class:`~weightlab.registry.schemas.JobCreate`.
         params (type[BaseModel]): the model its ``params`` must validate against.
         output (Callable): params -> the ``ns/name`` the result is registered as (writing there is authorised).
         inputs (Callable): params -> the registry references it reads (reading them is authorised).
@@ -136,7 +86,7 @@ RUNNERS: dict[str, Runner] = {}
 
 
 def register_runner(runner: Runner) -> None:
-    """Make a job kind available to the API and the workers (e.g. ``export`` from the ONNX exporter's module)."""
+    """Make a job kind available to the API and the workers (:mod:`weightlab.registry.jobs` registers its own)."""
     if runner.kind in RUNNERS:
         raise RegistryError(f"job kind {runner.kind!r} is already registered. Fix: pick another name.")
     RUNNERS[runner.kind] = runner
@@ -146,33 +96,6 @@ def job_dir(registry, job_id: int) -> tempfile.TemporaryDirectory:
     """A private work folder for one job run, under the store's temp folder (swept by gc if the worker dies)."""
     registry.store.tmp_dir.mkdir(parents=True, exist_ok=True)
     return tempfile.TemporaryDirectory(dir=registry.store.tmp_dir, prefix=f"job-{job_id}-")
-
-
-def _run_merge(registry, params: MergeParams, job_id: int) -> VersionInfo:
-    """A video merge (a motion term) becomes a diffusers UNetMotionModel folder, what generate and export read;
-    any other merge one ``.safetensors`` file."""
-    from weightlab.merge import merge_to_file, merge_to_folder
-
-    def resolve(ref: str) -> Path:  # registry references only; a version recorded as non-finite is refused by name
-        return registry.path(check_finite(registry.get(ref)).ref)
-
-    video = any(t.kind == "motion" for t in params.recipe.terms)
-    with job_dir(registry, job_id) as tmp:
-        out = Path(tmp) / Ref.parse_name(params.output).name
-        if video:
-            merge_to_folder(params.recipe, out, progress=False, resolve=resolve)
-        else:
-            out = out.with_name(out.name + ".safetensors")
-            merge_to_file(params.recipe, out, progress=False, resolve=resolve)
-        return registry.add(out, name=params.output, kind="base", tags=params.tags,
-                            metadata={**params.metadata, "recipe_hash": params.recipe.hash, "job": job_id},
-                            lineage=Derivation.from_merged_file(out), recorded_source=f"job:{job_id}")
-
-
-register_runner(Runner(
-    kind="merge", params=MergeParams, output=lambda p: p.output,
-    inputs=lambda p: [p.recipe.base, *(t.source for t in p.recipe.terms)], run=_run_merge,
-))
 
 
 def parse(spec: JobBase) -> tuple[Runner, BaseModel]:
@@ -187,22 +110,16 @@ def parse(spec: JobBase) -> tuple[Runner, BaseModel]:
     try:
         return runner, runner.params.model_validate(spec.params)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in e.errors())
-        raise JobSpecError(f"invalid {spec.kind} job parameters: {problems}.") from None
+        raise JobSpecError(f"invalid {spec.kind} job parameters: {fmt_validation_errors(e.errors(), 'params')}.") from None
     except RegistryError as e:  # raised by a validator's own check (a reference, a label): not a ValueError
         raise JobSpecError(f"invalid {spec.kind} job parameters: {e}") from None
-
-
-def _utc(when: datetime | None) -> datetime | None:
-    return when if when is None or when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def public(job: Job) -> JobPublic:
     return JobPublic(id=job.id, kind=job.kind, params=stored_json(job.params, "params"), status=job.status,
                      namespace=job.namespace,
                      result_ref=job.result_ref, error=job.error, attempts=job.attempts,
-                     created_at=_utc(job.created_at), started_at=_utc(job.started_at),
-                     finished_at=_utc(job.finished_at))
+                     created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at)
 
 
 def enqueue(session: Session, *, spec: JobBase, token_id: int | None) -> Job:
@@ -349,6 +266,3 @@ class Worker:
                 log.exception("worker %s: cannot claim a job", self.name)
             self.wake.wait(self.poll_seconds)
             self.wake.clear()
-
-
-from weightlab.registry import export_job  # noqa: E402,F401  registers the `export` kind (it imports this module)

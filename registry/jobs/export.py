@@ -11,16 +11,16 @@ Example:
 
 from __future__ import annotations
 
-import json
+from functools import partial
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from weightlab.errors import RecipeError
+from weightlab.onnx_manifest import ExportDtype
 from weightlab.recipe import Recipe
-from weightlab.registry.jobs import OutputParams, Runner, job_dir, register_runner
-from weightlab.registry.onnx_artifact import MANIFEST
+from weightlab.registry.jobs.queue import OutputParams, Runner, job_dir
+from weightlab.registry.resolve import version_path
 from weightlab.registry.schemas import Derivation, LineageInput, Ref, VersionInfo, check_registered
 
 
@@ -30,7 +30,7 @@ class ExportParams(OutputParams):
     source: str | None = Field(None, description="a merged video model folder in the registry, e.g. a video merge "
                                                  "job's result: ns/name[@N|:alias]")
     recipe: Recipe | None = Field(None, description="a recipe with a motion term, every source a registry reference")
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: ExportDtype = "float32"
     opset: int | None = Field(None, ge=18, le=30, description="ONNX opset; the exporter's default when null")
     verify: bool = Field(True, description="compare every graph with PyTorch (recorded in the manifest)")
 
@@ -74,7 +74,7 @@ def _model(registry, params: ExportParams, tmp: Path) -> tuple[Path, Recipe, Der
 
     if params.recipe is not None:
         folder = tmp / "merged"
-        merge_to_folder(params.recipe, folder, progress=False, resolve=registry.path)
+        merge_to_folder(params.recipe, folder, progress=False, resolve=partial(version_path, registry))
         merged = Derivation.from_merged_file(folder)  # pins each input to the version that was merged
         return folder, params.recipe, merged.model_copy(update={"relation": "exported_from"}), None
     info = registry.get(params.source)
@@ -94,13 +94,13 @@ def run_export(registry, params: ExportParams, job_id: int) -> VersionInfo:
         model, recipe, lineage, source = _model(registry, params, Path(tmp))
         out = Path(tmp) / Ref.parse_name(params.output).name
         manifest = export_onnx(model, out, dtype=params.dtype, pipeline_dir=_pipeline_dir(registry, recipe),
-                               opset=params.opset, verify=params.verify, progress=False)
-        manifest["source"] = source.ref if source else None  # not the worker's temp folder
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        return registry.add(out, name=params.output, kind="onnx", tags=params.tags, lineage=lineage,
-                            metadata={**params.metadata, "recipe_hash": recipe.hash, "job": job_id},
-                            recorded_source=f"job:{job_id}")
+                               opset=params.opset, verify=params.verify, progress=False,
+                               resolve=partial(version_path, registry))  # the recipe's inputs, for the schedule check
+        manifest.model_copy(update={"source": source.ref if source else None}).write(out)  # not the worker's temp folder
+        return registry.register_output(out, name=params.output, kind="onnx", derivation=lineage, tags=params.tags,
+                                        metadata={**params.metadata, "recipe_hash": recipe.hash, "job": job_id},
+                                        source=f"job:{job_id}")
 
 
-register_runner(Runner(kind="export", params=ExportParams, output=lambda p: p.output, inputs=lambda p: p.inputs,
-                       run=run_export))
+EXPORT = Runner(kind="export", params=ExportParams, output=lambda p: p.output, inputs=lambda p: p.inputs,
+                run=run_export)
