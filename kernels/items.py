@@ -13,13 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from weightlab.errors import NonFiniteError, ShapeMismatchError, WeightlabError
+from weightlab.errors import KernelError, NonFiniteError, ShapeMismatchError
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class KernelError(WeightlabError):
-    """A merge call breaks a rule of the merge contract (dtype, device, memory layout, aliasing, backend)."""
 
 
 @dataclass

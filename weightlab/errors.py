@@ -61,6 +61,12 @@ class ShapeMismatchError(WeightlabError):
     http_status = 422
 
 
+class KernelError(WeightlabError):
+    """A merge call breaks a rule of the merge contract (dtype, device, memory layout, aliasing, backend)."""
+
+    http_status = 422
+
+
 class MissingComponentError(WeightlabError):
     """A pipeline component is not where it was looked for (a single-file checkpoint's tokenizer, or its CLIP/VAE)."""
 

@@ -27,6 +27,7 @@ class Inspection(BaseModel):
     alphas: list[float] = []  # kohya's convention: scale = alpha / rank
     alpha_source: str | None = None  # LoRA: `.alpha` keys, the PEFT options read, or "alpha = rank" (none found)
     algebras: list[str] = []  # adapter algebras of its modules: lora, loha, lokr, full (+dora)
+    components: list[str] = ["unet"]  # the pipeline components it changes: unet, text_encoder
     n_targets: int
     dtypes: list[str]
     n_params: int
@@ -77,7 +78,8 @@ def inspect_path(path: str | Path, *, allow_pickle: bool = False, file_sha256: s
         ranks=res.ranks if isinstance(res, LoRA) else [], alphas=res.alphas if isinstance(res, LoRA) else [],
         alpha_source=res.alpha_source if isinstance(res, LoRA) else None,
         algebras=res.algebras if isinstance(res, LoRA) else [],
-        n_targets=len(res.targets) if isinstance(res, LoRA) else len(tensors),
+        components=res.components if isinstance(res, LoRA) else ["unet"],
+        n_targets=len(res.targets) + len(res.text_encoder) if isinstance(res, LoRA) else len(tensors),
         dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         n_params=sum(t.numel() for t in tensors.values()), size_bytes=wfile.stat().st_size,
         file_sha256=file_sha256 or sha256_of(wfile), tensor_hash=tensor_hash(wfile, header) if is_st else None,
@@ -91,13 +93,14 @@ def inspect_table(infos: list[Inspection]) -> Table:
     from rich.table import Table
 
     table = Table(title="weightlab inspect")
-    for col in ("file", "family", "kind", "repr", "ranks (alpha)", "targets", "dtypes", "params", "sha256", "tensor hash", "skipped",
-                "finite"):
+    for col in ("file", "family", "kind", "repr", "components", "ranks (alpha)", "targets", "dtypes", "params",
+                "sha256", "tensor hash", "skipped", "finite"):
         table.add_column(col, overflow="fold")
     for i in infos:
         ranks = ", ".join(f"{r}" for r in i.ranks) + (f" ({', '.join(f'{a:g}' for a in i.alphas)})" if i.alphas else "")
         algebras = f" ({', '.join(i.algebras)})" if i.algebras and i.algebras != ["lora"] else ""
-        table.add_row(Path(i.path).name, i.family, i.kind_guess, i.representation + algebras, ranks or "-", str(i.n_targets),
+        table.add_row(Path(i.path).name, i.family, i.kind_guess, i.representation + algebras, ", ".join(i.components),
+                      ranks or "-", str(i.n_targets),
                       ",".join(i.dtypes), f"{i.n_params:,}", i.file_sha256[:12], (i.tensor_hash or "-")[:12],
                       str(len(i.skipped)), "yes" if i.finite else "NO (NaN/Inf)")
     return table

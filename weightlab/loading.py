@@ -201,20 +201,29 @@ def _lora(weights: dict, *, kind: str | None, source: Path, metadata: dict, stri
     adapter = _adapter_options(source, metadata, config_file)
     fam = _lora_family(weights, metadata, source)
     targets, unmatched = lora.parse_lora(weights, fam, adapter=adapter, source=str(source))
-    skipped = _check_unmatched(unmatched, strict, source, "LoRA", f"{fam.name} module")
-    if not targets:
+    te_adapter = adapter_config.from_metadata(metadata, str(source), component="text_encoder")
+    te_targets, te_unmatched = lora.parse_lora(weights, fam, adapter=te_adapter, source=str(source),
+                                               component="text_encoder")
+    unmatched = sorted(unmatched + te_unmatched)
+    skipped = _check_unmatched(unmatched, strict, source, "LoRA", f"{fam.name} UNet or text-encoder module")
+    if not targets and not te_targets:
         raise UnmatchedKeysError(f"{source}: no LoRA target maps to a UNet module of any known family "
-                                 f"({', '.join(FAMILIES)}). Fix: use a LoRA made for a Stable Diffusion UNet.", unmatched)
+                                 f"({', '.join(FAMILIES)}) or to a CLIP text-encoder module. Fix: use a LoRA made "
+                                 "for Stable Diffusion.", unmatched)
     family = fam.name
     kind = kind or metadata.get("weightlab.kind") or _guess_lora_kind(targets, source, metadata)
     if kind not in ("style", "image_accel", "motion_lora"):
         raise WeightlabError(f"{source}: a LoRA can be kind style, image_accel or motion_lora, not {kind!r}.")
     motion_targets = [p for p in targets if is_motion_key(p)]
-    if kind == "motion_lora" and len(motion_targets) != len(targets):
+    if kind == "motion_lora" and (len(motion_targets) != len(targets) or te_targets):
+        spatial = [p for p in targets if p not in motion_targets] + [f"text_encoder.{p}" for p in te_targets]
         raise WeightlabError(f"{source}: a motion LoRA may only target motion-module weights; found spatial targets "
-                             f"{fmt_keys([p for p in targets if p not in motion_targets])}.")
+                             f"{fmt_keys(spatial)}.")
+    alpha_source = _alpha_source(targets, adapter) if targets else ""
+    if te_targets:
+        alpha_source = "; ".join(filter(None, (alpha_source, "text encoder: " + _alpha_source(te_targets, te_adapter))))
     return LoRA(family=family, kind=kind, source=source, metadata=metadata, skipped=skipped, targets=targets,
-                alpha_source=_alpha_source(targets, adapter))
+                text_encoder=te_targets, alpha_source=alpha_source)
 
 
 def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = False, strict: bool = True) -> Residual:

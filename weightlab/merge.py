@@ -12,8 +12,10 @@ Rules (DESIGN.md "Merge engine semantics"):
 - the per-tensor arithmetic is :func:`weightlab.kernels.merge` (fused Triton kernel on CUDA, PyTorch otherwise).
 
 Entry points: :class:`Merger` (in place into a live diffusers UNet), :func:`build_unet`, :func:`merge_to_file`
-and :func:`merge_to_folder` (streamed, one tensor at a time). Sources are paths; a registry reference needs the
-registry's resolver (``resolve=``, see :func:`resolve_path`).
+and :func:`merge_to_folder` (streamed, one tensor at a time). A LoRA's text-encoder targets are composed by the
+same :class:`Composition` into the base pipeline's text encoder (:func:`build_text_encoder`, and ``text_encoder/``
+of :func:`merge_to_folder`); :func:`merge_to_file` writes the UNet only. Sources are paths; a registry reference
+needs the registry's resolver (``resolve=``, see :func:`resolve_path`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,14 +31,14 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from weightlab.errors import (RecipeError, ShapeMismatchError, UnmatchedKeysError, UnresolvedSourceError, WeightlabError,
-                              fmt_keys)
+from weightlab.errors import (MissingComponentError, RecipeError, ShapeMismatchError, UnmatchedKeysError,
+                              UnresolvedSourceError, WeightlabError, fmt_keys)
 from weightlab.families import best_family, check_fits, is_motion_key
 from weightlab.files import release_pages, torch_dtype
 from weightlab.kinds import KIND_ORDER
 from weightlab.loading import load
 from weightlab.methods import get_method
-from weightlab.recipe import Recipe
+from weightlab.recipe import Recipe, Term
 from weightlab.residuals import Base, Dense, LoRA, LoRATarget, MotionModule, Residual
 
 log = logging.getLogger(__name__)
@@ -236,8 +239,91 @@ def load_inputs(recipe: Recipe, *, resolve: Resolver = resolve_path) -> tuple[Ba
     inputs = []
     for t in recipe.terms:
         res = load(resolve(t.source), kind=t.kind if t.kind != "motion_lora" else "motion_lora")
-        inputs.append(Input(res, t.kind, t.scale, t.source))
+        inputs.append(Input(_components(t, res), t.kind, t.scale, t.source))
     return base, inputs
+
+
+def _components(term: Term, res: Residual) -> Residual:
+    """``res`` reduced to the components the term names (all it carries when it names none).
+
+    Raises:
+        RecipeError: the term names a component the residual does not carry.
+    """
+    carries = res.components if isinstance(res, LoRA) else ["unet"]
+    if term.components is None:
+        return res
+    if missing := [c for c in term.components if c not in carries]:
+        raise RecipeError(f"{term.source}: the term names component(s) {', '.join(missing)}, but the residual carries "
+                          f"only {', '.join(carries)}. Fix: list only {', '.join(carries)} in the term's `components`, "
+                          "or omit it.")
+    if not isinstance(res, LoRA):
+        return res
+    return replace(res, targets=res.targets if "unet" in term.components else {},
+                   text_encoder=res.text_encoder if "text_encoder" in term.components else {})
+
+
+def _text_encoder_terms(inputs: list[Input]) -> list[Input]:
+    """The terms that change the text encoder, each reduced to its text-encoder targets."""
+    return [replace(t, residual=t.residual.component("text_encoder")) for t in inputs
+            if isinstance(t.residual, LoRA) and t.residual.text_encoder]
+
+
+def _text_encoder_composition(recipe: Recipe, base: Base, inputs: list[Input], *,
+                              tokenizer: str | Path | None = None) -> tuple[Composition, Path, dict[str, str]] | None:
+    """The validated composition of the terms' text-encoder targets over the pristine text encoder of the base's
+    pipeline folder (memory-mapped; keys without transformers 4's ``text_model.``, as the targets), that text
+    encoder's folder, and each key's name in its file; None when no term changes it.
+
+    Raises:
+        MissingComponentError: a term changes the text encoder, but the base has none (a UNet-only base).
+    """
+    from weightlab.formats.lora import TEXT_MODEL_PREFIX
+    from weightlab.inspect import weights_file
+    from weightlab.loading import pipeline_dir, read_weights
+
+    terms = _text_encoder_terms(inputs)
+    if not terms:
+        return None
+    try:
+        folder = pipeline_dir(base, tokenizer=tokenizer) / "text_encoder"
+    except MissingComponentError:
+        raise MissingComponentError(
+            f"{', '.join(t.source for t in terms)}: change(s) the text encoder, but the base {recipe.base} has none. "
+            "Fix: use a diffusers pipeline folder (or a single-file checkpoint with its CLIP) as the base, or add "
+            "`components: [unet]` to the term(s).") from None
+    stored, _ = read_weights(weights_file(folder))
+    pristine = {k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in stored.items()}
+    method = recipe.method if any(t.kind == "style" for t in terms) else "linear"
+    comp = Composition(pristine, terms, {k: tuple(v.shape) for k, v in pristine.items()}, method,
+                       dict(recipe.method_args), family=None)
+    return comp, folder, {k.removeprefix(TEXT_MODEL_PREFIX): k for k in stored}
+
+
+def _compose_into(comp: Composition, dst: dict[str, torch.Tensor], backend: str) -> None:
+    """Write the merged value of every key ``comp`` touches into ``dst[key]`` (fp32 from the pristine value,
+    rounded once to ``dst``'s dtype)."""
+    from weightlab.kernels import merge
+
+    merge([comp.item(k, dst[k]) for k in sorted(comp.touching)], backend=backend, after=_release)
+
+
+def build_text_encoder(recipe: Recipe, *, dtype: torch.dtype | None = None, device: str | None = None,
+                       backend: str = "auto", resolve: Resolver = resolve_path, tokenizer: str | Path | None = None):
+    """The base pipeline's ``CLIPTextModel`` with the recipe's text-encoder residuals composed into it (eval mode, in
+    ``dtype``, default the recipe's), or None when no term changes the text encoder."""
+    from transformers import CLIPTextModel
+
+    from weightlab.formats.lora import TEXT_MODEL_PREFIX
+
+    base, inputs = load_inputs(recipe, resolve=resolve)
+    found = _text_encoder_composition(recipe, base, inputs, tokenizer=tokenizer)
+    if found is None:
+        return None
+    comp, folder, _ = found
+    model = CLIPTextModel.from_pretrained(folder, torch_dtype=dtype or torch_dtype(recipe.dtype))
+    params = {k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in model.state_dict(keep_vars=True).items()}
+    _compose_into(comp, {k: params[k].data for k in comp.touching}, backend)
+    return model.to(device or recipe.device).eval().requires_grad_(False)
 
 
 def _composition(base: Base, inputs: list[Input], shapes: dict[str, tuple[int, ...]], method="linear", method_args=None) -> Composition:
@@ -401,12 +487,13 @@ def _provenance(recipe: Recipe, base: Base, inputs: list[Input]) -> dict[str, st
     }
 
 
-def _stream(recipe: Recipe, out: Path, *, backend: str, progress: bool, resolve: Resolver):
+def _stream(recipe: Recipe, out: Path, *, backend: str, progress: bool, resolve: Resolver,
+            loaded: tuple[Base, list[Input]] | None = None):
     from weightlab.kernels import merge
     from weightlab.streaming import StreamWriter
 
     t0 = time.perf_counter()
-    base, inputs = load_inputs(recipe, resolve=resolve)
+    base, inputs = loaded or load_inputs(recipe, resolve=resolve)
     motion = next((t.residual for t in inputs if t.kind == "motion"), None)
     meta_model = _model_for(base, motion)
     shapes = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
@@ -430,22 +517,43 @@ def merge_to_file(recipe: Recipe, out: str | Path, *, backend: str = "auto", pro
 
     Returns ``{"path", "output_hash", "seconds", "tensors", "bytes"}``. The file's ``__metadata__`` carries the
     recipe, every input's tensor hash and the output hash (equal to :func:`weightlab.files.tensor_hash` of it).
+    Text-encoder residuals are not in a UNet file (a warning names them): :func:`merge_to_folder` composes them.
     """
-    return _stream(recipe, Path(out), backend=backend, progress=progress, resolve=resolve)[0]
+    base, inputs = load_inputs(recipe, resolve=resolve)
+    if terms := _text_encoder_terms(inputs):
+        log.warning("%s: a UNet file leaves out the text-encoder residual of %s; write a folder (merge_to_folder, "
+                    "`weightlab merge --out DIR`) to compose it.", out, ", ".join(t.source for t in terms))
+    return _stream(recipe, Path(out), backend=backend, progress=progress, resolve=resolve, loaded=(base, inputs))[0]
 
 
 def merge_to_folder(recipe: Recipe, out: str | Path, *, backend: str = "auto", progress: bool = True,
                     resolve: Resolver = resolve_path) -> dict:
     """A diffusers model folder (``UNetMotionModel`` with a motion term, else ``UNet2DConditionModel``):
-    ``config.json`` + streamed ``diffusion_pytorch_model.safetensors`` + ``recipe.json``."""
+    ``config.json`` + streamed ``diffusion_pytorch_model.safetensors`` + ``recipe.json``; when a term changes the
+    text encoder, also ``text_encoder/`` (the base pipeline's, its weights merged in their own dtype, the others
+    copied bit for bit)."""
+    from weightlab.files import save_tensors
+
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise WeightlabError(f"{out}: exists and is not a diffusers model folder; refusing to write into it. "
                              "Fix: choose an empty or new folder.")
+    base, inputs = load_inputs(recipe, resolve=resolve)
+    text_encoder = _text_encoder_composition(recipe, base, inputs)  # validated before anything is written
     out.mkdir(parents=True, exist_ok=True)
     summary, meta_model = _stream(recipe, out / "diffusion_pytorch_model.safetensors", backend=backend,
-                                  progress=progress, resolve=resolve)
+                                  progress=progress, resolve=resolve, loaded=(base, inputs))
     meta_model.save_config(out)
+    if text_encoder is None:
+        shutil.rmtree(out / "text_encoder", ignore_errors=True)  # a previous merge's into this folder
+    else:
+        comp, folder, names = text_encoder
+        merged = {k: torch.empty_like(comp.pristine[k], device="cpu") for k in comp.touching}
+        _compose_into(comp, merged, backend)
+        (out / "text_encoder").mkdir(exist_ok=True)
+        save_tensors({names[k]: v for k, v in {**comp.pristine, **merged}.items()},
+                     out / "text_encoder" / "model.safetensors", {"format": "pt"})
+        (out / "text_encoder" / "config.json").write_bytes((folder / "config.json").read_bytes())
     (out / "recipe.json").write_text(recipe.to_json())
     summary["path"] = str(out)
     return summary

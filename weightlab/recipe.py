@@ -34,18 +34,28 @@ DType = Literal[*COMPUTE_DTYPES]
 
 
 class Term(BaseModel):
-    """One residual with its scale (α, β, γ or a motion-LoRA strength)."""
+    """One residual with its scale (α, β, γ or a motion-LoRA strength). ``components``: the pipeline components it
+    changes (``unet``, ``text_encoder``); None: every one the residual carries (a component it does not carry is a
+    `RecipeError` at merge)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     source: str
     kind: TermKind
     scale: float = 1.0
+    components: tuple[Literal["unet", "text_encoder"], ...] | None = None
 
     @field_validator("scale")
     @classmethod
     def _finite(cls, v: float) -> float:
         if v != v or v in (float("inf"), float("-inf")):
             raise ValueError("scale must be a finite number")
+        return v
+
+    @field_validator("components")
+    @classmethod
+    def _some(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("components lists unet and/or text_encoder, each once (omit it for all)")
         return v
 
 
@@ -77,7 +87,8 @@ class Recipe(BaseModel):
     @property
     def hash(self) -> str:
         doc = self.model_dump(mode="json")
-        doc["terms"] = [t.model_dump(mode="json") for t in self.canonical_terms]
+        # exclude_none: a term without `components` hashes as it did before the field existed
+        doc["terms"] = [t.model_dump(mode="json", exclude_none=True) for t in self.canonical_terms]
         return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def with_scale(self, index: int, scale: float) -> "Recipe":
@@ -86,10 +97,10 @@ class Recipe(BaseModel):
         return self.model_copy(update={"terms": tuple(terms)})
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
+        return self.model_dump_json(indent=2, exclude_none=True)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

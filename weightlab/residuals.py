@@ -294,16 +294,28 @@ class Dense(Weights):
 
 @dataclass
 class LoRA(Residual):
-    """Adapter residual: module path -> :class:`LoRATarget` or :class:`FactorTarget`; ``alpha_source`` says where
-    the alphas came from."""
+    """Adapter residual: UNet module path -> :class:`LoRATarget` or :class:`FactorTarget` (``targets``), and the same
+    for the text encoder's ``CLIPTextModel`` modules (``text_encoder``); ``alpha_source`` says where the alphas came
+    from. ``target_keys`` are the UNet's."""
 
     targets: dict[str, AdapterTarget] = field(default_factory=dict)
+    text_encoder: dict[str, AdapterTarget] = field(default_factory=dict)
     alpha_source: str = ""
     kind: str = "style"
     representation: ClassVar[str] = "lora"
 
     def tensors(self):
-        return {k: v for path, t in self.targets.items() for k, v in t.tensors(path).items()}
+        te = {k: v for path, t in self.text_encoder.items() for k, v in t.tensors(f"text_encoder.{path}").items()}
+        return {**{k: v for path, t in self.targets.items() for k, v in t.tensors(path).items()}, **te}
+
+    @property
+    def components(self) -> list[str]:
+        """The pipeline components it changes: ``unet``, ``text_encoder``."""
+        return [c for c, t in (("unet", self.targets), ("text_encoder", self.text_encoder)) if t]
+
+    def component(self, name: str) -> "LoRA":
+        """This residual with only component ``name``'s targets, as a UNet-keyed LoRA (the merge engine's input)."""
+        return replace(self, targets=self.targets if name == "unet" else self.text_encoder, text_encoder={})
 
     @property
     def target_keys(self):
@@ -311,17 +323,20 @@ class LoRA(Residual):
 
     @property
     def ranks(self) -> list[int]:
-        return sorted({t.rank for t in self.targets.values() if t.rank is not None})
+        return sorted({t.rank for t in self._all if t.rank is not None})
 
     @property
     def alphas(self) -> list[float]:
-        return sorted({float(t.alpha if t.alpha is not None else t.rank) for t in self.targets.values()
-                       if t.rank is not None})
+        return sorted({float(t.alpha if t.alpha is not None else t.rank) for t in self._all if t.rank is not None})
 
     @property
     def algebras(self) -> list[str]:
         """The adapter algebras of its targets (``lora``, ``loha``, ``lokr``, ``full``; ``+dora`` when DoRA)."""
-        return sorted({t.algebra + ("+dora" if t.magnitude is not None else "") for t in self.targets.values()})
+        return sorted({t.algebra + ("+dora" if t.magnitude is not None else "") for t in self._all})
+
+    @property
+    def _all(self) -> list[AdapterTarget]:
+        return [*self.targets.values(), *self.text_encoder.values()]
 
 
 @dataclass

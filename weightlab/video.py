@@ -1,13 +1,13 @@
 """Video assembly and sampling: a merged ``UNetMotionModel`` in diffusers' ``AnimateDiffPipeline`` (DESIGN.md
 "Video assembly, sampling and export").
 
-The base's text encoder, tokenizer and VAE join the merged UNet; the scheduler is ``LCMScheduler`` with
-AnimateLCM's own config. Defaults follow the paper: 16 frames, 4 steps, guidance 1.0 (no CFG; up to 2 allowed).
-DDIM and DPM-Solver++ (``sampler="ddim"|"dpmpp"``) sample models that are not consistency-distilled, with any CFG,
-under the same linear schedule (:mod:`weightlab.schedules`). A consistency-distilled residual of the recipe recorded
-under another schedule is refused. :class:`weightlab.onnx_runtime.OnnxVideoPipeline` has the same call signature and
-returns the same :class:`~weightlab.sampling.Clip`; the request checks and defaults both share live in
-:mod:`weightlab.sampling`.
+The base's text encoder (with the recipe's text-encoder residuals composed in), tokenizer and VAE join the merged UNet;
+the scheduler is ``LCMScheduler`` with AnimateLCM's own config. Defaults follow the paper: 16 frames, 4 steps, guidance
+1.0 (no CFG; up to 2 allowed). DDIM and DPM-Solver++ (``sampler="ddim"|"dpmpp"``) sample models that are not
+consistency-distilled, with any CFG, under the same linear schedule (:mod:`weightlab.schedules`). A
+consistency-distilled residual of the recipe recorded under another schedule is refused.
+:class:`weightlab.onnx_runtime.OnnxVideoPipeline` has the same call signature and returns the same
+:class:`~weightlab.sampling.Clip`; the request checks and defaults both share live in :mod:`weightlab.sampling`.
 
 Example:
     >>> pipe = VideoPipeline.from_source("recipe.yaml")            # doctest: +SKIP
@@ -176,6 +176,26 @@ def load_unet(source, *, pipeline_dir: str | Path | None = None, dtype: "str | t
     return VideoUNet(unet, folder, recipe)
 
 
+def merged_text_encoder(source, *, dtype: "torch.dtype", device: str, resolve: "Resolver | None" = None,
+                        tokenizer: str | Path | None = None):
+    """The text encoder with the recipe's text-encoder residuals in it, in ``dtype`` on ``device``: a merged folder's
+    ``text_encoder/`` (:func:`weightlab.merge_to_folder`), or a recipe's composed in memory
+    (:func:`weightlab.merge.build_text_encoder`); None when no term changes the text encoder."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        folder = Path(source) / "text_encoder"
+        if not folder.is_dir():
+            return None
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    recipe = _recipe_of(source)
+    if recipe is None:
+        return None
+    from weightlab.merge import build_text_encoder, resolve_path
+
+    return build_text_encoder(recipe, dtype=dtype, device=device, resolve=resolve or resolve_path, tokenizer=tokenizer)
+
+
 def vae_dtype(vae_dir: str | Path, dtype: "torch.dtype") -> "torch.dtype":
     """The VAE runs in float32 when its config says ``force_upcast`` (SD1.5's overflows in fp16), else in ``dtype``."""
     import torch
@@ -184,9 +204,9 @@ def vae_dtype(vae_dir: str | Path, dtype: "torch.dtype") -> "torch.dtype":
     return torch.float32 if config.get("force_upcast", False) else dtype
 
 
-def build_pipeline(unet, pipeline_dir: str | Path, *, device: str | None = None):
-    """An ``AnimateDiffPipeline``: merged ``unet`` + the folder's text encoder and tokenizer (in the UNet's dtype),
-    its VAE (see :func:`vae_dtype`) + :func:`animatelcm_scheduler`."""
+def build_pipeline(unet, pipeline_dir: str | Path, *, device: str | None = None, text_encoder=None):
+    """An ``AnimateDiffPipeline``: merged ``unet`` + ``text_encoder`` (default: the folder's, in the UNet's dtype) +
+    the folder's tokenizer, its VAE (see :func:`vae_dtype`) + :func:`animatelcm_scheduler`."""
     from diffusers import AnimateDiffPipeline, AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -196,7 +216,7 @@ def build_pipeline(unet, pipeline_dir: str | Path, *, device: str | None = None)
     scheduler = animatelcm_scheduler(_scheduler_config(folder))
     pipe = AnimateDiffPipeline(
         vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype(folder / "vae", dtype)),
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
+        text_encoder=text_encoder or CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         unet=unet, motion_adapter=None, scheduler=scheduler)
     return pipe.to(device)
@@ -219,10 +239,13 @@ class VideoPipeline:
     def from_source(cls, source, *, pipeline_dir: str | Path | None = None, dtype: "str | torch.dtype | None" = None,
                     device: str | None = None, resolve: "Resolver | None" = None,
                     tokenizer: str | Path | None = None) -> "VideoPipeline":
-        """Assemble from a recipe, recipe file or merged folder (see :func:`load_unet`)."""
+        """Assemble from a recipe, recipe file or merged folder (see :func:`load_unet`); the recipe's text-encoder
+        residuals are composed into the text encoder (:func:`merged_text_encoder`)."""
         unet, folder, _ = load_unet(source, pipeline_dir=pipeline_dir, dtype=dtype, device=device, resolve=resolve,
                                     tokenizer=tokenizer)
-        return cls(build_pipeline(unet, folder, device=device))
+        text_encoder = merged_text_encoder(source, dtype=unet.dtype, device=str(unet.device), resolve=resolve,
+                                           tokenizer=tokenizer)
+        return cls(build_pipeline(unet, folder, device=device, text_encoder=text_encoder))
 
     @property
     def device(self):

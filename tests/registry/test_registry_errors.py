@@ -18,11 +18,10 @@ FIELDS = {"keys": ["lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight"]
 
 
 def test_every_error_class_is_in_weightlab_errors():
-    # kernels/items.py's KernelError is the one exception: the kernels package keeps its own contract
-    assert {cls.__module__ for name, cls in error_classes().items() if name != "KernelError"} == {"weightlab.errors"}
+    assert {cls.__module__ for cls in error_classes().values()} == {"weightlab.errors"}
 
 
-@pytest.mark.parametrize("name", sorted(n for n in error_classes() if n != "KernelError"))
+@pytest.mark.parametrize("name", sorted(error_classes()))
 def test_errors_round_trip_with_their_fields(name):
     cls = error_classes()[name]
     error = cls("what went wrong. Fix: this.", *(FIELDS[f] for f in cls.field_names))

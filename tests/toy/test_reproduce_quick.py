@@ -13,10 +13,12 @@ import pytest
 def test_quick_reproduction(tmp_path):
     """Behaviour, end to end (≈ 3 min on 2 cores). Only robust orderings at 4 steps are asserted: the distilled
     model beats the model it was distilled from under the same LCM sampler (the untrained student) and DDIM with
-    CFG at the same steps — margins the quick run clears several times over; the full run reports the rest."""
+    CFG at the same steps. Measured here: FVD 15.8 (LCM) vs 17.2 (student) vs 20.7 (DDIM + CFG), floor 0.56; the
+    student margin is thin (~8%) — if it flips on another machine, enlarge the quick teacher, do not loosen the
+    assertion. The timeout only guards against a hang: under a loaded 2-core CI the run takes up to ~9 min."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, "-P", "-m", "weightlab.toy.reproduce", "--quick", "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=540)
+                          env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     t1 = results["table1"]

@@ -26,8 +26,7 @@ from weightlab.errors import AdapterOptionError, FileFormatError
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 CONFIG_FILE = "adapter_config.json"  # peft.utils.CONFIG_NAME
 PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # peft.utils.SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-# The prefixes save_lora_weights gives each component's options; weightlab merges the UNet's.
-COMPONENT = "unet"
+# The prefixes save_lora_weights gives each component's options; weightlab merges the UNet's and the text encoder's.
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
 
 # LoraConfig fields that cannot change a merged weight: bookkeeping, training-only settings, and the choice of
@@ -157,10 +156,10 @@ def _json(text: str, where: str):
         raise FileFormatError(f"{where}: not valid JSON ({e}). Fix: restore it from the original adapter.") from None
 
 
-def from_metadata(metadata: dict[str, str], where: str) -> AdapterConfig | None:
-    """The UNet's options in diffusers' ``lora_adapter_metadata``, or None when the file has none.
+def from_metadata(metadata: dict[str, str], where: str, component: str = "unet") -> AdapterConfig | None:
+    """One component's options in diffusers' ``lora_adapter_metadata``, or None when the file has none for it.
 
-    Prefixed keys (``unet.r``, ``text_encoder.r``; ``save_lora_weights``) select the UNet's; unprefixed ones
+    Prefixed keys (``unet.r``, ``text_encoder.r``; ``save_lora_weights``) select ``component``'s; unprefixed ones
     (``r``; a model's ``save_lora_adapter``) are the whole adapter's.
     """
     if METADATA_KEY not in metadata:
@@ -172,10 +171,10 @@ def from_metadata(metadata: dict[str, str], where: str) -> AdapterConfig | None:
     prefixed = {k.split(".", 1)[0] for k in doc if "." in k and k.split(".", 1)[0] in _COMPONENTS}
     if not prefixed:
         return parse_options(doc, where)
-    if COMPONENT not in prefixed:
+    if component not in prefixed:
         return None
-    return parse_options({k[len(COMPONENT) + 1:]: v for k, v in doc.items() if k.startswith(COMPONENT + ".")},
-                         f"{where} ({COMPONENT}.*)")
+    return parse_options({k[len(component) + 1:]: v for k, v in doc.items() if k.startswith(component + ".")},
+                         f"{where} ({component}.*)")
 
 
 def from_file(path: Path) -> AdapterConfig:

@@ -6,10 +6,12 @@ attention-processor keys (``processor.to_q_lora.down``), kohya/A1111 (``lora_une
 ``lora_unet_input_blocks_1_1_proj_in``, renamed as diffusers' single-file converter does), conv LoRA, LyCORIS LoCon (Tucker ``lora_mid``), LoHa
 (``hada_*``), LoKr (``lokr_*``) and full (``diff``/``diff_b``) in kohya/LyCORIS keys, and motion LoRAs in
 AnimateDiff's original naming. OFT/BOFT, GLoRA, IA³ and the other algebras in `algebra.REFUSED` are refused by name.
-Text-encoder keys are recognised but not merged (weightlab composes UNets): they count as unmatched, like unknown
-keys. Alphas: ``.alpha`` keys in any layout, else PEFT's options (`weightlab.formats.adapter_config`), else
-alpha = rank (docs/formats.md). DoRA magnitudes (PEFT ``lora_magnitude_vector``, kohya/LyCORIS ``dora_scale``)
-become `AdapterTarget.magnitude`.
+Text-encoder keys (diffusers/PEFT ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``, kohya
+``lora_te_text_model_encoder_layers_0_self_attn_q_proj``, SDXL's first encoder ``lora_te1_``) are parsed the same way
+into targets of the CLIP text model (``component="text_encoder"``); SDXL's second encoder (``text_encoder_2.``,
+``lora_te2_``) is not composed: its keys are unmatched. Alphas: ``.alpha`` keys in any layout, else PEFT's options
+(`weightlab.formats.adapter_config`), else alpha = rank (docs/formats.md). DoRA magnitudes (PEFT
+``lora_magnitude_vector``, kohya/LyCORIS ``dora_scale``) become `AdapterTarget.magnitude`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ _DISTINCT = tuple(s for a in algebra.ALGEBRAS.values() if a.name != "lora" for s
 _KOHYA_PREFIXES = ("lora_unet_", "lycoris_")  # kohya/A1111; LyCORIS's own wrapper
 _STRIP_PREFIXES = ("base_model.model.", "unet.", "model.")
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te.")
+# A CLIP text model's adapter targets (``CLIPTextModel`` names; transformers 4 nests them in ``text_model.``, 5 does
+# not), dotted and as kohya flattens them. Targets are named without ``text_model.`` (`TEXT_MODEL_PREFIX`).
+TEXT_MODEL_PREFIX = "text_model."
+_TE_MODULE = re.compile(r"(?:text_model\.)?(encoder\.layers\.\d+\.(?:self_attn\.(?:[qkv]|out)_proj|mlp\.fc[12]))")
+_TE_KOHYA = re.compile(r"(?:text_model_)?encoder_layers_(\d+)_(self_attn|mlp)_(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 
 
@@ -90,6 +97,16 @@ def _peft_name(raw: str) -> str:
     return raw
 
 
+def _te_module_path(raw: str) -> str | None:
+    """Normalise a text-encoder module name to a ``CLIPTextModel`` module path without ``text_model.``
+    (``encoder.layers.0.self_attn.q_proj``), or None (SDXL's second encoder, an unknown module)."""
+    for prefix in ("lora_te_", "lora_te1_"):
+        if raw.startswith(prefix) and (m := _TE_KOHYA.fullmatch(raw[len(prefix):])):
+            return f"encoder.layers.{m.group(1)}.{m.group(2)}.{m.group(3)}"
+    m = _TE_MODULE.fullmatch(raw.removeprefix("text_encoder.").removeprefix("base_model.model."))
+    return m.group(1) if raw.startswith("text_encoder.") and m else None
+
+
 def _module_path(raw: str, family: Family) -> str | None:
     """Normalise one raw module name to a family module path, or None if it maps to nothing."""
     for prefix in _KOHYA_PREFIXES:
@@ -106,16 +123,20 @@ def _module_path(raw: str, family: Family) -> str | None:
 
 
 def parse_lora(state_dict: dict, family: Family, *, adapter: AdapterConfig | None = None,
-               source: str = "LoRA") -> tuple[dict[str, AdapterTarget], list[str]]:
-    """Group an adapter state dict by target module and algebra. Returns ``(targets, unmatched_keys)``.
+               source: str = "LoRA", component: str = "unet") -> tuple[dict[str, AdapterTarget], list[str]]:
+    """Group the keys of one ``component`` (``unet``, or ``text_encoder``: keys with a `TEXT_ENCODER_PREFIXES`
+    prefix) of an adapter state dict by target module and algebra; the other component's keys are ignored.
+    Returns ``(targets, unmatched_keys)``; text-encoder targets are ``CLIPTextModel`` module paths, checked
+    against the text encoder at merge.
 
     Each module's factors select one registered algebra (`weightlab.formats.algebra`): LoRA/LoCon (a Tucker
     ``lora_mid`` is folded into down) becomes a :class:`LoRATarget`, LoHa/LoKr/full diff a :class:`FactorTarget`.
     A module's alpha (kohya's convention, scale = alpha / rank) comes from its ``.alpha`` key, else from
     ``adapter`` (PEFT's options: see `weightlab.formats.adapter_config`), else it is None (alpha = rank, the
     diffusers/PEFT convention for files without options). A key is unmatched if its module maps to no weight of
-    ``family``, if it belongs to a text encoder, if it has an unknown role, or if its module has no factor or lacks
-    a LoRA down or up factor, has a non-scalar alpha or two kinds of DoRA magnitude, or is given twice.
+    ``family`` (text encoder: to no CLIP text-model attention or MLP projection), if it has an unknown role, or if
+    its module has no factor or lacks a LoRA down or up factor, has a non-scalar alpha or two kinds of DoRA
+    magnitude, or is given twice.
 
     Raises:
         AdapterOptionError: a refused algebra (OFT/BOFT, GLoRA, IA³, ...), a DoRA file without a magnitude for some
@@ -136,8 +157,10 @@ def parse_lora(state_dict: dict, family: Family, *, adapter: AdapterConfig | Non
             "(LyCORIS `create_lycoris_from_weights(...).merge_to()`, PEFT `merge_and_unload()`), save that UNet and "
             "use it as a dense style term.")
     for key, value in state_dict.items():
+        if key.startswith(TEXT_ENCODER_PREFIXES) != (component == "text_encoder"):
+            continue
         split = _split(key)
-        if split is None or key.startswith(TEXT_ENCODER_PREFIXES):
+        if split is None:
             unmatched.append(key)
             continue
         groups.setdefault(split[0], {})[split[1]] = value
@@ -145,7 +168,7 @@ def parse_lora(state_dict: dict, family: Family, *, adapter: AdapterConfig | Non
     targets: dict[str, AdapterTarget] = {}
     contradictions: list[str] = []
     for raw, p in groups.items():
-        path = _module_path(raw, family)
+        path = _te_module_path(raw) if component == "text_encoder" else _module_path(raw, family)
         factors = {r: v for r, v in p.items() if r not in ("alpha", "magnitude", "dora_scale")}
         found = algebra.of(factors)
         if len(found) > 1:
@@ -167,7 +190,8 @@ def parse_lora(state_dict: dict, family: Family, *, adapter: AdapterConfig | Non
         rank = alg.rank(factors)
         if alg.name == "lora":
             down, up = algebra.lora.factored(factors)
-            alpha = _kohya_alpha(raw, rank, p.get("alpha"), adapter, contradictions)
+            name = _peft_name(raw.removeprefix("text_encoder.") if component == "text_encoder" else raw)
+            alpha = _kohya_alpha(raw, name, rank, p.get("alpha"), adapter, contradictions)
             targets[path] = LoRATarget(down, up, alpha=alpha, magnitude=magnitude, dora=dora)
             continue
         if adapter is not None:
@@ -195,12 +219,13 @@ def _check_dora(targets: dict[str, AdapterTarget], adapter: AdapterConfig | None
             "(`save_pretrained`) or diffusers (`get_peft_model_state_dict`).")
 
 
-def _kohya_alpha(raw: str, rank: int, alpha_key, adapter: AdapterConfig | None, contradictions: list[str]) -> float | None:
-    """The module's alpha in kohya's convention (scale = alpha / rank); appends to ``contradictions``."""
+def _kohya_alpha(raw: str, name: str, rank: int, alpha_key, adapter: AdapterConfig | None,
+                 contradictions: list[str]) -> float | None:
+    """The module's alpha in kohya's convention (scale = alpha / rank); ``name``: the module's name in the model the
+    adapter was made for (what PEFT's patterns match). Appends to ``contradictions``."""
     alpha = None if alpha_key is None else float(alpha_key)
     if adapter is None:
         return alpha
-    name = _peft_name(raw)
     expected, option = adapter.rank(name)
     if expected != rank:
         contradictions.append(f"`{raw}` has rank {rank} but `{option}` = {expected}")
