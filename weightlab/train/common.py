@@ -17,13 +17,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from weightlab.errors import FileFormatError, ShapeMismatchError, WeightlabError
 from weightlab.schedules import NoiseSchedule, make_scheduler, schedule_metadata
 from weightlab.train.consistency import add_noise
+from weightlab.train.data import build_dataset, build_loader
 
 log = logging.getLogger(__name__)
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -189,6 +190,29 @@ def build_lora_student(cfg, models: BaseModels):
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return unet.train()
+
+
+def batches(cfg, accelerator, start: int, *, video: bool) -> Iterator[dict]:
+    """The run's batches from optimizer step ``start`` on: this process's share, resumable (see ``data``)."""
+    return iter(build_loader(build_dataset(cfg.data, video=video), batch_size=cfg.batch_size,
+                             world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
+                             start_batch=start * cfg.gradient_accumulation_steps, num_workers=cfg.num_workers))
+
+
+def accumulated_step(cfg, accelerator, model, params, optimizer, loss_fn: Callable[[], torch.Tensor]):
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches (``loss_fn()`` each; gradients clipped
+    on the last, once all-reduced). Returns (loss averaged over processes and micro-batches, gradient norm)."""
+    micro_losses = []
+    for _ in range(cfg.gradient_accumulation_steps):
+        with accelerator.accumulate(model):
+            loss = loss_fn()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro_losses.append(accelerator.gather(loss.detach()).mean().item())
+    return sum(micro_losses) / len(micro_losses), grad_norm
 
 
 def diffusion_loss(cfg, accelerator, unet, models: BaseModels, batch: dict) -> torch.Tensor:

@@ -33,7 +33,6 @@ from weightlab.schedules import check_distilled
 from weightlab.train import common
 from weightlab.train.config import MotionLCMConfig
 from weightlab.train.consistency import DDIMSolver, distillation_loss, ema_update_
-from weightlab.train.data import build_dataset, build_loader
 
 NAME = "motion-lcm"
 LORA_OUTPUT = "lcm_lora.safetensors"
@@ -206,9 +205,7 @@ def train(cfg: MotionLCMConfig, *, stop_after: int | None = None) -> common.Trai
                      validate=lambda step: common.validation_videos(cfg, acc, online, models, step, sampler="lcm",
                                                                     steps=4, guidance=1.0))
     start = run.resume()
-    batches = iter(build_loader(build_dataset(cfg.data, video=True), batch_size=cfg.batch_size,
-                                world_size=acc.num_processes, rank=acc.process_index, seed=cfg.seed,
-                                start_batch=start * cfg.gradient_accumulation_steps, num_workers=cfg.num_workers))
+    batches = common.batches(cfg, acc, start, video=True)
     last = min(cfg.max_steps, stop_after or cfg.max_steps)
 
     while run.state.step < last:
@@ -216,19 +213,11 @@ def train(cfg: MotionLCMConfig, *, stop_after: int | None = None) -> common.Trai
             copy_lora_(nets.target, acc.unwrap_model(online))
         else:  # the target's LoRA weight follows the EMA of a parameter that starts at 0: λ_n = 1 − μ^n
             set_lora_weight(nets.target_lora, nets.pristine, nets.lora, 1.0 - cfg.ema_decay ** run.state.step)
-        micro_losses = []
-        for _ in range(cfg.gradient_accumulation_steps):
-            with acc.accumulate(online):
-                loss = motion_loss(cfg, acc, online, nets.target, nets.teacher, models, solver, uncond, next(batches))
-                acc.backward(loss)
-                if acc.sync_gradients:  # the last micro-batch: gradients are all-reduced, clip them
-                    grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(acc.gather(loss.detach()).mean().item())
+        loss, grad_norm = common.accumulated_step(cfg, acc, online, params, optimizer, lambda: motion_loss(
+            cfg, acc, online, nets.target, nets.teacher, models, solver, uncond, next(batches)))
         lr_scheduler.step()
         ema_update_(ema.values(), motion_params, cfg.ema_decay)
-        run.end_step(sum(micro_losses) / len(micro_losses), grad_norm, lr_scheduler.get_last_lr()[0])
+        run.end_step(loss, grad_norm, lr_scheduler.get_last_lr()[0])
 
     def save():
         unet = acc.unwrap_model(online)

@@ -18,7 +18,6 @@ from __future__ import annotations
 from weightlab.files import save_tensors
 from weightlab.train import common
 from weightlab.train.config import StyleLoRAConfig
-from weightlab.train.data import build_dataset, build_loader
 
 NAME = "style-lora"
 OUTPUT = "style_lora.safetensors"
@@ -44,24 +43,14 @@ def train(cfg: StyleLoRAConfig, *, stop_after: int | None = None) -> common.Trai
     run = common.Run(acc, cfg, NAME, kind="style", validate=lambda step: common.validation_images(
         cfg, acc, unet, models, step, sampler="ddim", steps=cfg.validation_steps, guidance=cfg.validation_guidance))
     start = run.resume()
-    batches = iter(build_loader(build_dataset(cfg.data, video=False), batch_size=cfg.batch_size,
-                                world_size=acc.num_processes, rank=acc.process_index, seed=cfg.seed,
-                                start_batch=start * cfg.gradient_accumulation_steps, num_workers=cfg.num_workers))
+    batches = common.batches(cfg, acc, start, video=False)
     last = min(cfg.max_steps, stop_after or cfg.max_steps)
 
     while run.state.step < last:
-        micro_losses = []
-        for _ in range(cfg.gradient_accumulation_steps):
-            with acc.accumulate(unet):
-                loss = common.diffusion_loss(cfg, acc, unet, models, next(batches))
-                acc.backward(loss)
-                if acc.sync_gradients:  # the last micro-batch: gradients are all-reduced, clip them
-                    grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(acc.gather(loss.detach()).mean().item())
+        loss, grad_norm = common.accumulated_step(
+            cfg, acc, unet, params, optimizer, lambda: common.diffusion_loss(cfg, acc, unet, models, next(batches)))
         lr_scheduler.step()
-        run.end_step(sum(micro_losses) / len(micro_losses), grad_norm, lr_scheduler.get_last_lr()[0])
+        run.end_step(loss, grad_norm, lr_scheduler.get_last_lr()[0])
 
     def save():
         tensors = common.lora_tensors(acc.unwrap_model(unet), rank=cfg.rank, alpha=cfg.lora_alpha)
