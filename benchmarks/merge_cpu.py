@@ -21,6 +21,18 @@ Measured (each one in a fresh process, forked from a fork server that has only i
 - diffusers.disable_mmap  the same with ``from_pretrained(..., disable_mmap=True)``: weights read into RAM at load
                         time, so ``fuse_lora`` does not pay copy-on-write page faults (diffusers' fastest setting);
 - ours.stream           ``merge_to_file(recipe)`` (video recipe), including the final fsync;
+- sd-mecha as a peer (issue 13), on the inputs it reads: the base as a single-file LDM checkpoint
+  (``model.diffusion_model.*``, the base's own values renamed with sd-mecha's SD1 key table) and
+  - ldm_lora:  + 1.0·accel (the same kohya LoRA file): ``sd_mecha.add_difference``'s graph over
+               ``convert(lora, "sd1-ldm")``, against ``merge_to_file`` of the same recipe;
+  - ldm_dense: + 0.8·(style checkpoint − base), a dense fine-tune as a second LDM file: ``sd_mecha.weighted_sum``
+               (= base + α·(style − base)), against ``merge_to_file`` with the checkpoint as a dense style term.
+  Both sides read the files, merge (fp32 accumulation, one rounding to the dtype) and write a safetensors file,
+  fsynced (``merge_to_file`` does it; the sd-mecha row calls ``os.fsync`` after ``merge`` returns, timed apart);
+  after the repeats every tensor of the two outputs is compared. sd-mecha reads no PEFT-keyed LoRA, so the style
+  LoRA of the rows above has no sd-mecha row; its LoRA path needs SD1.5's full shapes, so ``--quick`` runs only
+  ldm_dense. sd-mecha 1.1.8's SD1 kohya -> LDM converter raises TypeError (``relation["kohya_sd"]`` on a
+  ``RealizedKeyRelation``); the ldm_lora row runs it with that one line fixed (`_fix_sd_mecha_sd1_lora`).
 
 Peak RSS: ``VmHWM`` from /proc/self/status, reset with ``echo 5 > /proc/self/clear_refs`` right before each timed
 section, minus ``VmRSS`` just before it ("extra"). File-backed (mmap) and anonymous parts come from a 20 ms sampler
@@ -31,6 +43,7 @@ Usage:
     .venv/bin/python benchmarks/merge_cpu.py --quick              # tiny config, 1 repeat, prints only (< 1 min)
     .venv/bin/python benchmarks/merge_cpu.py --threads 1 --out /tmp/t1.md  # contention-robust control run
     .venv/bin/python benchmarks/merge_cpu.py --render-only --notes notes.md   # re-render the last raw results
+    .venv/bin/python benchmarks/merge_cpu.py --dtypes float32 --only 'ldm_' --title '### sd-mecha ...'  # its rows
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,6 +79,8 @@ PRELOAD = ["torch", "numpy", "safetensors.torch", "transformers", "peft", "diffu
            "diffusers.models.unets.unet_motion_model", "diffusers.loaders.lora_pipeline",
            "diffusers.pipelines.pipeline_utils", "weightlab", "weightlab.loading", "weightlab.merge",
            "weightlab.kernels", "weightlab.testing", "tqdm.auto"]
+SD_MECHA_PRELOAD = ["sd_mecha"]  # only when its rows run: the other rows' processes stay as they were
+MECHA_STYLE_STD = 0.002  # the dense fine-tune's change per weight (the base's weights have std 0.02)
 FIXTURE_VERSION = 1
 GB = 1e9
 
@@ -145,6 +161,59 @@ def build_fixtures(root: str, quick: bool) -> dict:
     return {"built": True, "paths": paths, "seconds": time.perf_counter() - t0}
 
 
+def sd_mecha_unet_names() -> dict[str, str]:
+    """LDM UNet key -> diffusers key, from sd-mecha's own SD1 table (its ``sd1-ldm`` config and the key map of its
+    kohya converter): the LDM fixtures are written with it and the outputs compared through it, so the names are
+    sd-mecha's, not ours."""
+    import importlib
+
+    from sd_mecha.extensions import model_configs
+
+    conv = importlib.import_module("sd_mecha.extensions.builtin.model_configs.convert_sd1_kohya_to_original")
+    keys = [k for k in model_configs.resolve("sd1-ldm").keys() if k.startswith("model.diffusion_model.")]
+    return {k: conv.convert_unet_key(k).removeprefix("unet.") for k in keys}
+
+
+def build_ldm_fixtures(root: str, quick: bool, dtypes) -> dict:
+    """The sd-mecha rows' inputs, from the fixtures of :func:`build_fixtures` (skipped when the stamp matches):
+    ``ldm_base_<dtype>`` = the base's own values under LDM names; ``ldm_style_<dtype>`` = a dense fine-tune of it
+    (fp32 base + N(0, MECHA_STYLE_STD), then cast), also under LDM names."""
+    import torch
+    from safetensors import safe_open
+
+    from weightlab.files import save_tensors
+
+    root_p = Path(root)
+    paths = {f"ldm_{what}_{dt}": str(root_p / f"ldm_{what}_{dt}.safetensors") for dt in dtypes for what in ("base", "style")}
+    stamp = root_p / "ldm_fixtures.json"
+    want = {"version": FIXTURE_VERSION, "style_std": MECHA_STYLE_STD, **workload(quick)}
+    done = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if done.get("want") != json.loads(json.dumps(want)):
+        done = {"want": want, "dtypes": []}
+    todo = [dt for dt in dtypes if dt not in done["dtypes"] or not all(Path(paths[f"ldm_{w}_{dt}"]).is_file()
+                                                                       for w in ("base", "style"))]
+    t0 = time.perf_counter()
+    if todo:
+        names = sd_mecha_unet_names()
+        src = fixture_paths(root_p)
+        weights = lambda dt: str(Path(src[f"base_{dt}"]) / "diffusion_pytorch_model.safetensors")  # noqa: E731
+        with safe_open(weights("float32"), "pt") as f32:
+            if set(f32.keys()) != set(names.values()):
+                raise RuntimeError(f"{weights('float32')}: its keys are not those of sd-mecha's SD1 UNet table")
+            g = torch.Generator().manual_seed(20)
+            style = {}
+            for k in sorted(names):
+                w = f32.get_tensor(names[k])
+                style[k] = w + torch.randn(w.shape, generator=g) * MECHA_STYLE_STD
+        for dt in todo:
+            with safe_open(weights(dt), "pt") as f:
+                save_tensors({k: f.get_tensor(d) for k, d in names.items()}, paths[f"ldm_base_{dt}"])
+            save_tensors({k: v.to(_dtype(dt)) for k, v in style.items()}, paths[f"ldm_style_{dt}"])
+            done["dtypes"] = sorted(set(done["dtypes"]) | {dt})
+            stamp.write_text(json.dumps(done))
+    return {"built": bool(todo), "paths": paths, "seconds": time.perf_counter() - t0}
+
+
 def fixture_sizes(paths: dict) -> dict[str, int]:
     out = {}
     for name, p in paths.items():
@@ -154,6 +223,14 @@ def fixture_sizes(paths: dict) -> dict[str, int]:
         files = [p] if p.is_file() else list(p.glob("*.safetensors"))
         out[name] = sum(f.stat().st_size for f in files)
     return out
+
+
+def case_inputs(case: dict) -> set[str]:
+    """The fixture names (keys of the paths) a planned case reads."""
+    dt, kw = case["kw"]["dtype"], case["kw"]
+    if case["group"] == "sd_mecha":
+        return {f"ldm_base_{dt}", "accel" if kw["work"] == "lora" else f"ldm_style_{dt}"}
+    return {f"base_{dt}", "accel", "style"} | ({f"motion_{dt}"} if case["group"] == "video" else set())
 
 
 def warm_page_cache(paths: dict) -> None:
@@ -474,8 +551,128 @@ def case_peft(paths: dict, dtype: str) -> dict:
     return dict(res, model_bytes=_model_bytes(merged), check=_checksum(_sd_getter(merged)), resident=resident)
 
 
+def _fix_sd_mecha_sd1_lora() -> bool:
+    """sd-mecha 1.1.8's SD1 kohya -> LDM converter reads ``relation["kohya_sd"]`` from a ``RealizedKeyRelation``
+    (not subscriptable: TypeError), so ``convert(<SD1 kohya LoRA>, "sd1-ldm")`` cannot run. Give it the same body
+    reading ``relation.inputs["kohya_sd"]``, as its SDXL converter does. Returns whether the fix was needed."""
+    import importlib
+    import inspect
+
+    from sd_mecha.extensions import merge_methods
+
+    conv = importlib.import_module("sd_mecha.extensions.builtin.model_configs.convert_sd1_kohya_to_original")
+    cls = merge_methods.resolve("convert_'sd1-kohya'_to_'sd1-ldm'").__wrapped__
+    if 'relation["kohya_sd"]' not in inspect.getsource(cls.__call__):
+        return False
+
+    def __call__(self, kohya_sd, **kwargs):
+        relation = kwargs["key_relation"]
+        res = kohya_sd[relation.inputs["kohya_sd"][0]]
+        return conv.reshape_weight_for_sd(res) if relation.meta else res
+
+    cls.__call__ = __call__
+    return True
+
+
+def _output(paths: dict, name: str) -> Path:
+    """A row's output file, removed before its timed section and kept after it for the agreement check."""
+    out = Path(paths["root"]) / "outputs" / f"{name}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    return out
+
+
+def _tensor_bytes(path: Path) -> int:
+    """Bytes of the tensors in a safetensors file (its ``model_bytes``)."""
+    import math
+
+    from safetensors import safe_open
+
+    size = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+    with safe_open(str(path), "pt") as f:
+        return sum(math.prod(sl.get_shape()) * size[sl.get_dtype()] for sl in map(f.get_slice, f.keys()))
+
+
+def case_ours_ldm(paths: dict, dtype: str, work: str) -> dict:
+    """``merge_to_file`` of the sd-mecha rows' recipe (the LDM base + the kohya LoRA, or + the dense checkpoint)."""
+    from weightlab import Recipe, Term
+    from weightlab.merge import merge_to_file
+
+    term = (Term(source=paths["accel"], kind="image_accel", scale=ACCEL_SCALE) if work == "lora" else
+            Term(source=paths[f"ldm_style_{dtype}"], kind="style", scale=STYLE_SCALE))
+    recipe = Recipe(base=paths[f"ldm_base_{dtype}"], terms=[term], dtype=dtype)
+    out = _output(paths, f"ours.ldm_{work}[{dtype}]")
+    tr = Tracker()
+    with tr.section("stream"):
+        summary = merge_to_file(recipe, out, progress=False)
+    return dict(tr.result(), model_bytes=summary["bytes"], output=str(out))
+
+
+def case_sd_mecha(paths: dict, dtype: str, work: str) -> dict:
+    """sd-mecha's merge of the same recipe into a file: its own ``merge`` defaults (fp32 merge dtype, its key
+    thread pool), output dtype = the row's dtype, then ``os.fsync`` of the file (``merge_to_file`` fsyncs too)."""
+    import functools
+
+    import sd_mecha
+    import torch
+    from sd_mecha.extensions.builtin.merge_methods import linear
+    from tqdm.auto import tqdm
+
+    fixed = _fix_sd_mecha_sd1_lora() if work == "lora" else False
+    out = _output(paths, f"sd_mecha.ldm_{work}[{dtype}]")
+    tr = Tracker()
+    with tr.section("merge"):
+        t = time.perf_counter()
+        base = sd_mecha.model(paths[f"ldm_base_{dtype}"], "sd1-ldm")
+        if work == "lora":
+            delta = sd_mecha.convert(sd_mecha.model(paths["accel"], "sd1-kohya_kohya_lora"), "sd1-ldm")
+            # the body of sd_mecha.add_difference(base, delta, alpha=...), whose merge-space check raises
+            # AttributeError on a converted (not yet resolved) LoRA in 1.1.8
+            recipe = linear.add_difference(base, delta, alpha=ACCEL_SCALE) | base
+        else:
+            recipe = sd_mecha.weighted_sum(base, sd_mecha.model(paths[f"ldm_style_{dtype}"], "sd1-ldm"),
+                                           alpha=STYLE_SCALE)
+        sd_mecha.merge(recipe, merge_dtype=torch.float32, output_dtype=_dtype(dtype), output=str(out),
+                       tqdm=functools.partial(tqdm, disable=True))
+        t_merge = time.perf_counter() - t
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    res = tr.result()
+    files = recipe.accept(sd_mecha.recipe_nodes.ModelsCountVisitor()) + 1  # + the output: merge()'s default pool
+    return dict(res, model_bytes=_tensor_bytes(out), output=str(out), sub={"merge() returned": t_merge},
+                sd_mecha_fixed=fixed, sd_mecha_threads=min(max(files, 2), os.cpu_count() or 0, 4))
+
+
+def compare_outputs(ours: str, peer: str) -> dict:
+    """Every tensor of our output (diffusers names) against sd-mecha's (LDM names, mapped by sd-mecha's table):
+    ``max |ours − peer|`` over all tensors, relative to the largest ``|ours|`` (the weights' scale)."""
+    from safetensors import safe_open
+
+    names = sd_mecha_unet_names()
+    worst, scale, worst_key, n = 0.0, 0.0, "", 0
+    with safe_open(ours, "pt") as fo, safe_open(peer, "pt") as fp:
+        peer_keys, ours_keys = set(fp.keys()), set(fo.keys())
+        if {names.get(k) for k in peer_keys} != ours_keys:
+            raise RuntimeError(f"{peer} and {ours} hold different tensors "
+                               f"({len(peer_keys)} vs {len(ours_keys)} keys)")
+        for k in sorted(peer_keys):
+            a, b = fo.get_tensor(names[k]), fp.get_tensor(k)
+            if a.dtype != b.dtype or a.shape != b.shape:
+                raise RuntimeError(f"{k}: {b.dtype} {tuple(b.shape)} vs ours {a.dtype} {tuple(a.shape)}")
+            d = float((a.double() - b.double()).abs().max())
+            scale = max(scale, float(a.double().abs().max()))
+            if d > worst:
+                worst, worst_key = d, k
+            n += 1
+    return {"tensors": n, "max_abs": worst, "scale": scale, "rel": worst / scale, "worst_key": worst_key}
+
+
 CASE_FUNCS = {"ours_fuse": case_ours_fuse, "ours_build": case_ours_build, "ours_stream": case_ours_stream,
-              "diffusers": case_diffusers, "diffusers_fuse": case_diffusers_fuse, "peft": case_peft}
+              "diffusers": case_diffusers, "diffusers_fuse": case_diffusers_fuse, "peft": case_peft,
+              "ours_ldm": case_ours_ldm, "sd_mecha": case_sd_mecha}
 
 
 def _child(conn, func: str, kwargs: dict, threads: int | None = None) -> None:
@@ -498,7 +695,7 @@ def _child(conn, func: str, kwargs: dict, threads: int | None = None) -> None:
 
 # --------------------------------------------------------------------------------------------- plan
 
-def plan_cases(dtypes) -> list[dict]:
+def plan_cases(dtypes, quick: bool = False) -> list[dict]:
     cases = []
     for dt in dtypes:
         cases += [
@@ -515,7 +712,22 @@ def plan_cases(dtypes) -> list[dict]:
                  kw=dict(dtype=dt, video=True, in_ram=True)),
             dict(id=f"ours.stream.video[{dt}]", group="video", func="ours_stream", kw=dict(dtype=dt)),
         ]
+        for work in ("dense",) if quick else ("lora", "dense"):  # sd-mecha's LoRA path has SD1.5's shapes built in
+            cases += [dict(id=f"ours.stream.ldm_{work}[{dt}]", group="sd_mecha", func="ours_ldm",
+                           kw=dict(dtype=dt, work=work)),
+                      dict(id=f"sd_mecha.ldm_{work}[{dt}]", group="sd_mecha", func="sd_mecha",
+                           kw=dict(dtype=dt, work=work))]
     return cases
+
+
+MECHA_PAIRS = {"lora": f"base + {ACCEL_SCALE}·kohya LoRA", "dense": f"base + {STYLE_SCALE}·(dense checkpoint − base)"}
+
+
+def mecha_pairs(cases: list[dict]) -> list[tuple[str, str, str, str]]:
+    """(work, dtype, our row, sd-mecha's row) for every sd-mecha row planned with its peer."""
+    ids = {c["id"] for c in cases}
+    return [(c["kw"]["work"], c["kw"]["dtype"], c["id"].replace("sd_mecha.", "ours.stream.", 1), c["id"])
+            for c in cases if c["func"] == "sd_mecha" and c["id"].replace("sd_mecha.", "ours.stream.", 1) in ids]
 
 
 def run_child(ctx, func: str, kwargs: dict, timeout: float, threads: int | None = None):
@@ -560,7 +772,14 @@ def machine_info() -> dict:
     mem = next((int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
     commit = sh(["git", "rev-parse", "--short", "HEAD"])
     dirty = bool(sh(["git", "status", "--porcelain", "--untracked-files=no"]))
+    try:
+        from importlib.metadata import version
+
+        sd_mecha = version("sd-mecha")
+    except ImportError:
+        sd_mecha = "not installed"
     return dict(cpu=model, cores=os.cpu_count(), ram=mem, python=sys.version.split()[0], torch=torch.__version__,
+                sd_mecha=sd_mecha,
                 diffusers=diffusers.__version__, peft=peft.__version__, torch_threads=torch.get_num_threads(),
                 commit=commit + ("+dirty" if dirty else ""), gpu="none" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
                 date=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
@@ -674,7 +893,8 @@ def comparisons(summary: dict, dtypes) -> tuple[list[list[str]], list[list[str]]
              f"diffusers.video.disable_mmap[{dt}]", f"ours.build_unet.video[{dt}]"),
             ("end to end, video: diffusers (in memory) / ours streamed to a file (+ fsync; not like for like)",
              f"diffusers.video[{dt}]", f"ours.stream.video[{dt}]"),
-        ]
+        ] + [(f"files to file, LDM {what}: sd-mecha / ours merge_to_file", f"sd_mecha.ldm_{work}[{dt}]",
+              f"ours.stream.ldm_{work}[{dt}]") for work, what in MECHA_PAIRS.items()]
         for label, p, o in ids:
             if not (ok(p) and ok(o)):
                 continue
@@ -754,6 +974,43 @@ def check_agreement(summary: dict, dtypes) -> list[str]:
     return notes
 
 
+def mecha_lines(raw: dict, cases: list[dict]) -> list[str]:
+    """What the sd-mecha rows merged, from which files, and how far its outputs are from ours (Markdown bullets)."""
+    pairs = mecha_pairs(cases)
+    if not pairs:
+        return []
+    sizes, info = raw["sizes"], raw["machine"]
+    files = "; ".join(f"{dt}: base {_gb(sizes[f'ldm_base_{dt}'])} GB, dense checkpoint {_gb(sizes[f'ldm_style_{dt}'])} GB"
+                      for dt in sorted({dt for _, dt, _, _ in pairs}) if f"ldm_base_{dt}" in sizes)
+    fixed = any(r.get("sd_mecha_fixed") for _, _, _, p in pairs for r in raw["runs"].get(p, []))
+    pool = sorted({r["sd_mecha_threads"] for _, _, _, p in pairs for r in raw["runs"].get(p, []) if "sd_mecha_threads" in r})
+    lines = [
+        f"- sd-mecha rows (issue 13): sd-mecha {info.get('sd_mecha', '?')}, `merge` with its defaults (fp32 merge "
+        f"dtype, its default pool of {'/'.join(map(str, pool)) or '?'} key worker thread(s) beside torch's), output "
+        "dtype = the row's; ours is `merge_to_file` of the same recipe. Inputs: the base UNet as a single-file LDM "
+        f"checkpoint (`model.diffusion_model.*`, UNet only; {files}): the base's own values, renamed with sd-mecha's SD1 "
+        f"key table; the dense checkpoint is base + N(0, {MECHA_STYLE_STD:g}) per weight; the LoRA is the kohya file "
+        "above. Work: " + "; ".join(f"`ldm_{w}` = {what}" for w, what in MECHA_PAIRS.items()) + ". Both sides read "
+        "the files, merge in fp32, round once and write one safetensors file, fsynced (sd-mecha's row: `os.fsync` "
+        "after `merge` returns, inside the timed section; the time without it is in the breakdown); ours also "
+        "hashes every output byte (sha256, its provenance metadata). The style LoRA (PEFT keys) has no sd-mecha "
+        "row: sd-mecha reads no PEFT-keyed LoRA.",
+    ]
+    if fixed:
+        lines.append("- The `ldm_lora` row ran sd-mecha with one line of it fixed: its SD1 kohya → LDM converter "
+                     "reads `relation[\"kohya_sd\"]` from a `RealizedKeyRelation` and raises TypeError (1.1.8), so "
+                     "unfixed it cannot apply an SD1 kohya LoRA to an LDM checkpoint; the fix reads "
+                     "`relation.inputs[\"kohya_sd\"]`, as its SDXL converter does. `sd_mecha.add_difference` itself "
+                     "raises AttributeError on a converted LoRA (merge-space check), so the row builds that "
+                     "function's own graph (`linear.add_difference(base, delta, alpha) | base`).")
+    for key, a in (raw.get("agreement") or {}).items():
+        lines.append(f"- Agreement `{key}`: " + (f"comparison failed: {str(a['error']).strip().splitlines()[-1]}"
+                     if "error" in a else
+                     f"all {a['tensors']} output tensors compared: max |ours − sd-mecha| = {a['max_abs']:.2e} "
+                     f"= {a['rel']:.1e} of the largest |weight| ({a['scale']:.3f}; worst `{a['worst_key']}`)."))
+    return lines
+
+
 def render(raw: dict, notes_text: str = "", title: str | None = None) -> tuple[str, str]:
     """(plain-text table for the terminal, Markdown section)."""
     info, dtypes, cases = raw["machine"], raw["dtypes"], raw["cases"]
@@ -764,12 +1021,15 @@ def render(raw: dict, notes_text: str = "", title: str | None = None) -> tuple[s
     loads = [l for s in summary.values() for l in s.get("loadavg", [])]
     sizes, wl = raw["sizes"], raw["workload"]
     breakdown = _breakdown(summary, cases)
-    text = "\n\n".join([_plain(ROW_HEADER, rows), _plain(RATIO_HEADER, ratios),
-                        "sanity (max relative checksum difference vs ours.fuse): " + "; ".join(agree),
-                        _plain(["target", "dtype", "value", "verdict"], targets)])
+    has_fuse = any(c["func"] == "ours_fuse" for c in cases)
+    mecha = mecha_lines(raw, cases)
+    text = "\n\n".join([_plain(ROW_HEADER, rows), _plain(RATIO_HEADER, ratios)]
+                       + (["sanity (max relative checksum difference vs ours.fuse): " + "; ".join(agree)] if has_fuse else [])
+                       + ([_plain(["target", "dtype", "value", "verdict"], targets)] if targets else []) + mecha)
     title = (title or SECTION) + (" — QUICK SMOKE CONFIG, not a result" if raw["quick"] else "")
+    command = " ".join(["benchmarks/merge_cpu.py", *raw.get("argv", ["--quick"] if raw["quick"] else [])])
     md = [title, "",
-          f"Run {info['date']} with `benchmarks/merge_cpu.py{' --quick' if raw['quick'] else ''}` "
+          f"Run {info['date']} with `{command}` "
           f"({raw['repeats']} repeat(s) per measurement, interleaved; times are median [min–max]; RSS numbers are medians).",
           "",
           f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram'] / 2**30:.1f} GiB RAM, GPU: {info['gpu']}; "
@@ -780,7 +1040,8 @@ def render(raw: dict, notes_text: str = "", title: str | None = None) -> tuple[s
           f"{info['cores']} cores. Times are sensitive to that load (see the notes); compare ratios, which come from "
           "the same interleaved repeats.",
           f"- Software: Python {info['python']}, torch {info['torch']}, diffusers {info['diffusers']}, "
-          f"peft {info['peft']}, weightlab {info['commit']}.",
+          f"peft {info['peft']}, weightlab {info['commit']}"
+          + (f", sd-mecha {info['sd_mecha']}." if mecha else "."),
           f"- Inputs (random weights, real configs, warm page cache): base UNet "
           f"{_gb(sizes['base_float32'])} GB fp32 / {_gb(sizes['base_float16'])} GB fp16 (diffusers folder), "
           f"MotionAdapter {_gb(sizes['motion_float32'])} / {_gb(sizes['motion_float16'])} GB, "
@@ -800,11 +1061,15 @@ def render(raw: dict, notes_text: str = "", title: str | None = None) -> tuple[s
           "Ratios (> 1 means ours is faster; each repeat's peer and ours ran back to back, so the per-repeat "
           "ratio is the like-for-like figure):", "",
           _table(RATIO_HEADER, ratios), "",
-          "Targets of issue 3:", "", _table(["target", "dtype", "measured", "verdict"], targets), "",
-          "Sanity: the largest relative difference between any measurement's merged weights and `ours.fuse` "
-          "(sum and L1 norm of 4 touched tensors) is " + "; ".join(agree)
-          + ". All methods merge the same recipe; fp16 results differ only in rounding order.",
           ]
+    if targets:
+        md += ["Targets of issue 3:", "", _table(["target", "dtype", "measured", "verdict"], targets), ""]
+    if has_fuse:
+        md += ["Sanity: the largest relative difference between any measurement's merged weights and `ours.fuse` "
+               "(sum and L1 norm of 4 touched tensors) is " + "; ".join(agree)
+               + ". All methods merge the same recipe; fp16 results differ only in rounding order."]
+    if mecha:
+        md += ([""] if md[-1] else []) + mecha
     res_lines = []
     for dt in dtypes:
         r = [x["resident"] for cid in summary if cid.endswith(f"[{dt}]")
@@ -860,20 +1125,29 @@ def main(argv=None) -> int:
         dtypes = [d for d in (args.dtypes or ("float32" if args.quick else "float32,float16")).split(",") if d]
         assert all(d in DT_NAMES for d in dtypes), dtypes
         repeats = args.repeats or (1 if args.quick else 5)
+        cases = plan_cases(dtypes, quick=args.quick)
+        if args.only:
+            cases = [c for c in cases if re.search(args.only, c["id"])]
+        mecha = [c for c in cases if c["group"] == "sd_mecha"]
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
+        ctx.set_forkserver_preload(PRELOAD + (SD_MECHA_PRELOAD if mecha else []))
         print(f"fixtures in {work} ...", flush=True)
         status, fx = run_child_fn(ctx, build_fixtures, dict(root=str(work), quick=args.quick), args.timeout * 2)
+        if status == "ok" and mecha:
+            print(f"  ({'built in %.0f s' % fx['seconds'] if fx['built'] else 'reused'}); LDM inputs of the "
+                  "sd-mecha rows ...", flush=True)
+            paths = fx["paths"]
+            status, fx = run_child_fn(ctx, build_ldm_fixtures, dict(root=str(work), quick=args.quick,
+                                                                   dtypes=sorted({c["kw"]["dtype"] for c in mecha})),
+                                      args.timeout * 2)
+            fx = dict(fx, paths={**paths, **fx["paths"]}) if status == "ok" else fx
         if status != "ok":
             print(fx, file=sys.stderr)
             return 1
         paths = fx["paths"]
         print(f"  {'built in %.0f s' % fx['seconds'] if fx['built'] else 'reused'}", flush=True)
-        warm_page_cache(paths)
-        cases = plan_cases(dtypes)
-        if args.only:
-            cases = [c for c in cases if re.search(args.only, c["id"])]
-        raw = {"machine": machine_info(), "quick": args.quick, "repeats": repeats, "dtypes": dtypes,
+        warm_page_cache({k: paths[k] for k in set().union(*map(case_inputs, cases))})
+        raw = {"machine": machine_info(), "quick": args.quick, "argv": list(argv if argv is not None else sys.argv[1:]), "repeats": repeats, "dtypes": dtypes,
                "workload": workload(args.quick), "loadavg_start": os.getloadavg(), "threads": args.threads,
                "cases": cases, "sizes": fixture_sizes(paths), "runs": {c["id"]: [] for c in cases}}
         for rep in range(repeats):
@@ -888,6 +1162,7 @@ def main(argv=None) -> int:
                     print("FAILED\n" + str(payload), flush=True)
                 work.mkdir(parents=True, exist_ok=True)
                 raw_file.write_text(json.dumps(raw, indent=1))
+        raw["agreement"] = check_mecha_outputs(ctx, raw, cases, Path(paths["root"]) / "outputs", args.timeout)
         raw["wall_seconds"] = time.perf_counter() - t_start
         raw_file.write_text(json.dumps(raw, indent=1))
         print(f"done in {raw['wall_seconds']:.0f} s; raw results: {raw_file}", flush=True)
@@ -912,6 +1187,22 @@ def _fn_child(conn, fn, kwargs):
 
 def run_child_fn(ctx, fn, kwargs: dict, timeout: float):
     return _run(ctx, _fn_child, (fn, kwargs), timeout)
+
+
+def check_mecha_outputs(ctx, raw: dict, cases: list[dict], outputs: Path, timeout: float) -> dict:
+    """After the repeats: every tensor of each sd-mecha row's last output against its peer's; then remove them."""
+    found = {}
+    try:
+        for work, dt, ours_id, peer_id in mecha_pairs(cases):
+            files = [next((r["output"] for r in reversed(raw["runs"][cid]) if r.get("status") == "ok"), None)
+                     for cid in (ours_id, peer_id)]
+            if None not in files:
+                st, res = run_child_fn(ctx, compare_outputs, dict(ours=files[0], peer=files[1]), timeout)
+                found[f"{work}[{dt}]"] = res if st == "ok" else {"error": res}
+                print(f"agreement {work}[{dt}]: {res}", flush=True)
+    finally:
+        shutil.rmtree(outputs, ignore_errors=True)
+    return found
 
 
 if __name__ == "__main__":

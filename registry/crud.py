@@ -307,7 +307,8 @@ def record_derivation(session: Session, *, version: Version, derivation: Derivat
             raise RegistryError(f"{version_ref(version)} cannot be derived from {version_ref(parent)}: that would "
                                 "make a cycle in the lineage. Fix: check the inputs.")
         rows.append(DerivationInput(position=position, parent_version_id=parent.id if parent else None,
-                                    tensor_hash=tensor_hash, label=label, role=inp.role, scale=inp.scale))
+                                    tensor_hash=tensor_hash, label=label, role=inp.role, scale=inp.scale,
+                                    components=inp.components))
     session.add(Derivation(version_id=version.id, relation=derivation.relation, recipe=derivation.recipe, inputs=rows,
                            linkable_namespaces=None if namespaces is None else sorted(namespaces)))
     session.flush()
@@ -360,7 +361,7 @@ def lineage(session: Session, *, version: Version, depth: int | None = None,
                                     if linkable is None or linkable else None)
             child = (node(parent, level + 1) if parent is not None
                      else LineageNode(label=inp.label or inp.tensor_hash, tensor_hash=inp.tensor_hash))
-            out.inputs.append(LineageEdge(role=inp.role, scale=inp.scale, node=child))
+            out.inputs.append(LineageEdge(role=inp.role, scale=inp.scale, components=inp.components, node=child))
         return out
 
     return node(version, 0)

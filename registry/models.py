@@ -177,6 +177,7 @@ class DerivationInput(Base):
     label: Mapped[str | None] = mapped_column(Text)
     role: Mapped[str] = mapped_column(String(32))
     scale: Mapped[float | None] = mapped_column(Float)
+    components: Mapped[list[str] | None]  # the pipeline components it changed; NULL: not recorded
 
     parent: Mapped[Version | None] = relationship()
 

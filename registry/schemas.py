@@ -15,8 +15,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
@@ -344,6 +346,8 @@ class LineageInput(BaseModel):
         label (str | None): how to show an unregistered input (its path).
         role (str, default "term"): ``base``, a kind (``style``, ``image_accel``, ...) or another word.
         scale (float | None): the input's scale in the merge (α, β, γ).
+        components (list[str] | None): the pipeline components the input changed in the output (``unet``,
+            ``text_encoder``; empty: none); None: not recorded.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -352,6 +356,7 @@ class LineageInput(BaseModel):
     label: str | None = None
     role: str = "term"
     scale: float | None = None
+    components: list[str] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> LineageInput:
@@ -360,6 +365,8 @@ class LineageInput(BaseModel):
         if self.tensor_hash is not None and not SHA256.fullmatch(self.tensor_hash):
             raise ValueError(f"tensor_hash {self.tensor_hash!r} is not a sha256 digest (64 lowercase hex digits)")
         check_label(self.role, "role")
+        for component in self.components or ():
+            check_label(component, "component")
         if self.label is not None:
             _check_text(self.label, 1024, "lineage input label")
         return self
@@ -379,44 +386,55 @@ class Derivation(BaseModel):
         return recipe if recipe is None else check_json(recipe, "recipe")
 
     @classmethod
-    def from_recipe(cls, recipe: Any, *, input_hashes: dict[str, str] | None = None) -> Derivation:
-        """A ``merged_from`` derivation of a :class:`weightlab.recipe.Recipe`: the base, then every term with its scale.
+    def from_recipe(cls, recipe: Any, *, input_hashes: dict[str, str] | None = None,
+                    components: dict[str, list[str]] | None = None) -> Derivation:
+        """A ``merged_from`` derivation of a :class:`weightlab.recipe.Recipe`: the base, then every term with its scale
+        and the pipeline components it changed.
 
         Args:
             recipe (Recipe): the merge's recipe; its JSON is recorded.
             input_hashes (dict[str, str] | None): source -> tensor hash, as the merge engine writes into the
                 output's ``weightlab.inputs`` metadata. Needed for sources that are paths; for registry
                 references it pins the exact version that was merged.
+            components (dict[str, list[str]] | None): source -> the components the term changed; a term not in it
+                records the components it names (None when it names none: not known without its file).
 
         Example:
             >>> Derivation.from_recipe(recipe, input_hashes={"/tmp/style.safetensors": "ab12..."})  # doctest: +SKIP
         """
         hashes = {k: v for k, v in (input_hashes or {}).items() if v}
 
-        def one(source: str, role: str, scale: float | None) -> LineageInput:
+        touched = components or {}
+
+        def one(source: str, role: str, scale: float | None, parts: Any = None) -> LineageInput:
+            parts = None if parts is None else list(parts)
             if Ref.is_ref(source):
-                return LineageInput(ref=source, tensor_hash=hashes.get(source), role=role, scale=scale)
+                return LineageInput(ref=source, tensor_hash=hashes.get(source), role=role, scale=scale, components=parts)
             if source not in hashes:
                 raise RegistryError(f"recipe input {source!r} is a path, not a registry reference, and no tensor hash "
                                     "was given for it. Fix: pass input_hashes={path: tensor_hash}, or name it ns/name@N.")
-            return LineageInput(tensor_hash=hashes[source], label=source, role=role, scale=scale)
+            return LineageInput(tensor_hash=hashes[source], label=source, role=role, scale=scale, components=parts)
 
-        inputs = [one(recipe.base, "base", None)] + [one(t.source, t.kind, t.scale) for t in recipe.terms]
+        inputs = [one(recipe.base, "base", None)] + [one(t.source, t.kind, t.scale, touched.get(t.source, t.components))
+                                                     for t in recipe.terms]
         return cls(relation="merged_from", inputs=inputs, recipe=recipe.model_dump(mode="json"))
 
     @classmethod
-    def from_merged_file(cls, path: str | os.PathLike) -> Derivation:
-        """The derivation a merge output carries: ``weightlab.recipe`` and ``weightlab.inputs`` in its header.
+    def from_merged_file(cls, path: str | os.PathLike, *, resolve: Callable[[str], Path] | None = None) -> Derivation:
+        """The derivation a merge output carries: ``weightlab.recipe`` and ``weightlab.inputs`` in its header, and
+        the components each term changed in it (see :func:`_touched`).
 
         Args:
             path (str | PathLike): a file from ``weightlab.merge_to_file``, or a folder from ``merge_to_folder``.
+            resolve (Callable[[str], Path] | None, default None): turns the recipe's sources into paths, to read
+                which components each term carries; None: paths only (a reference's components are then recorded
+                only where the term names them).
         Raises:
             RegistryError: the file holds no weightlab merge metadata.
         Example:
             >>> reg.add("out.safetensors", name="me/anim", lineage=Derivation.from_merged_file("out.safetensors"))  # doctest: +SKIP
         """
         import json
-        from pathlib import Path
 
         from weightlab.files import read_header
         from weightlab.inspect import weights_file
@@ -427,12 +445,35 @@ class Derivation(BaseModel):
             raise RegistryError(f"{path}: no `weightlab.recipe` in its safetensors metadata; it is not a weightlab "
                                 "merge output. Fix: pass lineage=Derivation.from_recipe(recipe, ...) yourself.")
         recipe = Recipe.model_validate_json(meta["weightlab.recipe"])
-        return cls.from_recipe(recipe, input_hashes=json.loads(meta.get("weightlab.inputs", "{}")))
+        return cls.from_recipe(recipe, input_hashes=json.loads(meta.get("weightlab.inputs", "{}")),
+                               components=_touched(recipe, Path(path), resolve))
+
+
+def _touched(recipe: Any, output: Path, resolve: Callable[[str], Path] | None) -> dict[str, list[str]]:
+    """source -> the components each term of ``recipe`` changed in the merge ``output``: those its file carries and
+    the term names (all when it names none) that the output holds (the UNet; in a folder, ``<component>/`` where the
+    merge wrote one). A term whose file cannot be read here counts as carrying what it names; if it names none, it
+    is left out (not known)."""
+    from weightlab.loading import load
+    from weightlab.merge import resolve_path
+
+    out = {}
+    for t in recipe.terms:
+        try:
+            carries = load((resolve or resolve_path)(t.source), kind=t.kind).components
+        except WeightlabError:  # moved or deleted since the merge, or a reference without a resolver
+            if t.components is None:
+                continue
+            carries = t.components
+        out[t.source] = [c for c in carries if (t.components is None or c in t.components)
+                         and (c == "unet" or (output / c).is_dir())]
+    return out
 
 
 class LineageEdge(BaseModel):
     role: str
     scale: float | None
+    components: list[str] | None = Field(None, description="the pipeline components the input changed; None: not recorded")
     node: LineageNode
 
 

@@ -33,6 +33,21 @@ def tiny(tmp_path_factory):
         return build_tiny_family(root / "tiny")
 
 
+@pytest.fixture(scope="session")
+def style_lora_te(tiny, tmp_path_factory):
+    """The tiny family's kohya style LoRA plus a text-encoder half (rank 4, alpha 2) under kohya's ``lora_te_`` names."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextModel
+
+    from weightlab.testing import lora_to_kohya, make_lora
+
+    text_encoder = CLIPTextModel.from_pretrained(tiny.base_dir / "text_encoder")
+    factors = make_lora(text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], rank=4, seed=7)
+    out = tmp_path_factory.mktemp("style_te") / "style_lora_te_kohya.safetensors"
+    save_file({**load_file(tiny.style_lora_kohya), **lora_to_kohya(factors, 2.0, prefix="lora_te_text_model_")}, out)
+    return out
+
+
 def _skip_pg(reason: str):
     """Skip a PostgreSQL test that cannot run, with a warning; fail it instead under ``$WEIGHTLAB_REQUIRE_PG=1``."""
     fix = f"Fix: run `source .ci/postgres.sh && start_postgres` (exports {PG_ENV}), or set {PG_ENV} to a server's " \

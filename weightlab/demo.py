@@ -1,12 +1,16 @@
-"""``make demo``: weightlab's main job, step by step, on the tiny model family (nothing is downloaded).
+"""``make demo``: weightlab's main job, step by step, on the trained toy family shipped in the package (nothing is
+downloaded).
 
 Run:
     make demo                      # or: python -m weightlab.demo
     WEIGHTLAB_HOME=/tmp/wl make demo
 
-Files go under ``$WEIGHTLAB_HOME`` (default ``~/.weightlab``); the tiny family lives in ``$WEIGHTLAB_HOME/tiny``
-and is rebuilt only if missing. Each step is a small function of the shared :class:`Demo` state; later steps
-(merge, sample, export, registry) are appended to ``STEPS``.
+The toy family (:mod:`weightlab.toy.family`) is AnimateLCM at toy scale, trained by weightlab's own trainers: a teacher
+UNet, an image LCM-LoRA, a distilled motion module and an "outlined" style LoRA. The demo registers them, merges
+Eq. 2 by registry names, samples a 16-frame clip of :data:`PROMPT` in 4 steps, asks the toy classifier what it sees,
+exports to ONNX and samples the same clip with ONNX Runtime. Files go under ``$WEIGHTLAB_HOME`` (default
+``~/.weightlab``), the clips under ``$WEIGHTLAB_HOME/demo``. Each step is a small function of the shared
+:class:`Demo` state.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never needs the hub; fa
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep optional-dependency notices out of the output
 # Wide and fixed, so tables stay readable in CI logs (which are not terminals and would default to 80 columns).
 console = Console(width=200)
+PROMPT = "a red circle moving right"
+SCALE = 8  # the toy clips are 32×32 pixels: the GIF shows each pixel as an 8×8 block, the strip as 4×4
 
 
 @dataclass
@@ -30,66 +36,66 @@ class Demo:
     """What the steps share: where files go, and what earlier steps produced."""
 
     home: Path
+    family: "ToyFamily | None" = None  # noqa: F821
     recipe: "Recipe | None" = None  # noqa: F821
     onnx_dir: Path | None = None
-    tiny: "TinyFamily | None" = None  # noqa: F821
-    inspections: dict = field(default_factory=dict)  # name -> weightlab.inspect.Inspection
-    refs: dict = field(default_factory=dict)  # tiny-family file name -> registry reference
+    refs: dict = field(default_factory=dict)  # kind -> registry reference
     merged: Path | None = None
     results: dict = field(default_factory=dict)  # table rows for the summary
 
 
-def build_tiny(demo: Demo) -> None:
-    """Write the tiny SD1.5-shaped family in its real on-disk layouts."""
-    from weightlab.testing import build_tiny_family
+def load_family(demo: Demo) -> None:
+    """The trained toy family shipped in the package, and what its reproduction measured."""
+    from weightlab.toy.family import toy_family
 
-    demo.tiny = build_tiny_family(demo.home / "tiny")
-    console.print(f"tiny family in {demo.tiny.root}")
+    demo.family = toy_family()
+    info = demo.family.info()
+    console.print(f"toy family in {demo.family.root} ({info['bytes'] / 2**20:.1f} MB), made by `{info['command']}`")
+    for claim in info.get("claims", []):
+        console.print(f"  measured: {claim}")
 
 
 def inspect_files(demo: Demo) -> None:
     """``weightlab inspect`` on every file: family, kind, representation, ranks, hashes."""
     from weightlab.inspect import inspect_path, inspect_table
 
-    demo.inspections = {name: inspect_path(path) for name, path in demo.tiny.files().items()}
-    console.print(inspect_table(list(demo.inspections.values())))
+    paths = [demo.family.teacher, *demo.family.residuals().values()]
+    console.print(inspect_table([inspect_path(p) for p in paths]))
 
 
-REGISTERED = {"base_dir": ("base", "tiny/sd15-base"), "style_lora_kohya": ("style", "tiny/style"),
-              "accel_lora": ("image_accel", "tiny/lcm-lora"), "motion_animatelcm": ("motion", "tiny/animatelcm-motion")}
+NAMES = {"base": "toy/teacher", "style": "toy/outlined-style", "image_accel": "toy/lcm-lora",
+         "motion": "toy/motion-lcm"}
 
 
 def register_family(demo: Demo) -> None:
-    """Register the residuals the recipe uses; re-running finds the same versions (content-addressed)."""
+    """Register the base and the residuals; re-running finds the same versions (content-addressed)."""
     from weightlab.registry.service import Registry
 
     with Registry(home=demo.home) as reg:
-        for attr, (kind, name) in REGISTERED.items():
-            v = reg.add(getattr(demo.tiny, attr), name=name, kind=kind, tags=["demo"])
+        for kind, path in {"base": demo.family.teacher, **demo.family.residuals()}.items():
+            v = reg.add(path, name=NAMES[kind], kind=kind, tags=["demo"])
             reg.alias(v.ref, "prod")
-            demo.refs[attr] = f"{name}:prod"
+            demo.refs[kind] = f"{NAMES[kind]}:prod"
             console.print(f"{v.ref:<32} {kind:<12} tensor hash {v.tensor_hash[:16]}")
 
 
 def merge_by_name(demo: Demo) -> None:
-    """Eq. 2 by registry names: base + 0.8·style + 1.0·LCM-LoRA + 1.0·motion, streamed to a diffusers folder."""
+    """Eq. 2 by registry names: teacher + 1.0·style + 1.0·LCM-LoRA + 1.0·motion, streamed to a diffusers folder."""
     from weightlab.merge import merge_to_folder
     from weightlab.recipe import Recipe, Term
     from weightlab.registry.resolve import LocalResolver
     from weightlab.registry.schemas import Derivation
     from weightlab.registry.service import Registry
 
-    recipe = Recipe(base=demo.refs["base_dir"], terms=[
-        Term(source=demo.refs["style_lora_kohya"], kind="style", scale=0.8),
-        Term(source=demo.refs["accel_lora"], kind="image_accel", scale=1.0),
-        Term(source=demo.refs["motion_animatelcm"], kind="motion", scale=1.0)])
+    recipe = Recipe(base=demo.refs["base"], terms=[Term(source=demo.refs[kind], kind=kind, scale=1.0)
+                                                   for kind in ("style", "image_accel", "motion")])
     demo.recipe = recipe
     demo.merged = demo.home / "demo" / "merged_unet"
     with LocalResolver(home=demo.home) as resolve:  # the merge engine reads paths; the registry resolves names
         summary = merge_to_folder(recipe, demo.merged, progress=False, resolve=resolve)
+        derivation = Derivation.from_merged_file(demo.merged, resolve=resolve)  # + the components each term changed
     with Registry(home=demo.home) as reg:
-        version = reg.register_output(demo.merged, name="tiny/video-lcm", kind="base",
-                                      derivation=Derivation.from_merged_file(demo.merged),
+        version = reg.register_output(demo.merged, name="toy/video-lcm", kind="base", derivation=derivation,
                                       metadata={"recipe_hash": recipe.hash})
     demo.results["merge"] = summary["seconds"]
     console.print(recipe.to_yaml())
@@ -103,31 +109,41 @@ def show_lineage(demo: Demo) -> None:
     from weightlab.registry.service import Registry
 
     with Registry(home=demo.home) as reg:
-        console.print(lineage_tree(reg.lineage("tiny/video-lcm")))
+        console.print(lineage_tree(reg.lineage("toy/video-lcm")))
 
 
-PROMPT = "the cat and a dog on the street"
+def _write(clip, name: str, demo: Demo) -> dict[str, Path]:
+    """The clip as MP4 (its own pixels), and as a GIF and a PNG strip of every frame for people (upscaled)."""
+    from weightlab.video import frame_strip, write_video
 
-
-def _write(clip, name: str, demo: Demo) -> str:
-    from weightlab.video import write_video
-
-    mp4 = write_video(clip.frames, demo.home / "demo" / f"{name}.mp4")
-    write_video(clip.frames, demo.home / "demo" / f"{name}.gif")
-    return str(mp4)
+    out = demo.home / "demo"
+    big = clip.frames.repeat(SCALE, axis=1).repeat(SCALE, axis=2)
+    paths = {"mp4": write_video(clip.frames, out / f"{name}.mp4"), "gif": write_video(big, out / f"{name}.gif"),
+             "png": out / f"{name}_strip.png"}
+    frame_strip(clip.frames, scale=SCALE // 2).save(paths["png"])
+    return paths
 
 
 def sample_pytorch(demo: Demo) -> None:
-    """16 frames, 4 LCM steps, no CFG, from the merged folder with the PyTorch pipeline (its recipe names the base
-    pipeline, whose text encoder and VAE it uses, by registry reference)."""
+    """16 frames of :data:`PROMPT`, 4 LCM steps, no CFG, from the merged folder with the PyTorch pipeline (its recipe
+    names the base pipeline, whose text encoder and VAE it uses, by registry reference); then what the toy
+    classifier reads in the clip."""
     from weightlab.registry.resolve import LocalResolver
+    from weightlab.toy.evaluate import Evaluator
     from weightlab.video import VideoPipeline
 
     with LocalResolver(home=demo.home) as resolve:
         pipe = VideoPipeline.from_source(demo.merged, resolve=resolve)
     clip = pipe(PROMPT, frames=16, steps=4, guidance=1.0, seed=0, progress=False)
-    demo.results["torch"] = (clip, _write(clip, "clip_torch", demo))
-    console.print(f"{clip.frames.shape[0]} frames {clip.frames.shape[1:3]}, denoise {clip.seconds['denoise']:.2f} s -> {demo.results['torch'][1]} (+ .gif)")
+    paths = _write(clip, "clip_torch", demo)
+    demo.results["torch"] = (clip, paths)
+    console.print(f"{PROMPT!r}: {clip.frames.shape[0]} frames {clip.frames.shape[1:3]}, "
+                  f"denoise {clip.seconds['denoise']:.2f} s")
+    for kind, path in paths.items():
+        console.print(f"  {kind:<4} {path}")
+    read = Evaluator.load(demo.family.evaluator).describe(clip.frames)
+    demo.results["read"] = read
+    console.print(f"the toy classifier reads: {read}")
 
 
 def export_onnx(demo: Demo) -> None:
@@ -155,8 +171,8 @@ def sample_onnx(demo: Demo) -> None:
     pipe = OnnxVideoPipeline(demo.onnx_dir)
     clip = pipe(PROMPT, frames=16, steps=4, guidance=1.0, seed=0, progress=False)
     path = _write(clip, "clip_onnx", demo)
-    ref, ref_path = demo.results["torch"]
-    table = Table(title="tiny video LCM: PyTorch vs ONNX Runtime (16 frames, 4 steps, guidance 1.0)")
+    ref, ref_paths = demo.results["torch"]
+    table = Table(title="toy video LCM: PyTorch vs ONNX Runtime (16 frames, 4 steps, guidance 1.0)")
     table.add_column("what")
     table.add_column("value")
     table.add_row("merge (Eq. 2, streamed)", f"{demo.results['merge']:.2f} s")
@@ -166,12 +182,14 @@ def sample_onnx(demo: Demo) -> None:
     table.add_row("max |difference| of the clips (0..1)", f"{float(np.abs(ref.video - clip.video).max()):.2e}")
     table.add_row("merged UNet", str(demo.merged))
     table.add_row("ONNX export", str(demo.onnx_dir))
-    table.add_row("clips", f"{ref_path}\n{path}")
+    table.add_row("clips", f"{ref_paths['mp4']}\n{path['mp4']}")
+    table.add_row("GIF and frame strip", f"{ref_paths['gif']}\n{ref_paths['png']}")
+    table.add_row("the toy classifier reads", demo.results["read"])
     console.print(table)
 
 
 STEPS = [
-    ("Build the tiny model family", build_tiny),
+    ("The trained toy family", load_family),
     ("Inspect every file", inspect_files),
     ("Register the residuals", register_family),
     ("Merge by registry names (Eq. 2)", merge_by_name),

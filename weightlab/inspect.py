@@ -27,7 +27,7 @@ class Inspection(BaseModel):
     alphas: list[float] = []  # kohya's convention: scale = alpha / rank
     alpha_source: str | None = None  # LoRA: `.alpha` keys, the PEFT options read, or "alpha = rank" (none found)
     algebras: list[str] = []  # adapter algebras of its modules: lora, loha, lokr, full (+dora)
-    components: list[str] = ["unet"]  # the pipeline components it changes: unet, text_encoder
+    components: list[str] = ["unet"]  # the pipeline components it changes (a base: has): unet, text_encoder(_2), vae
     n_targets: int
     dtypes: list[str]
     n_params: int
@@ -78,8 +78,8 @@ def inspect_path(path: str | Path, *, allow_pickle: bool = False, file_sha256: s
         ranks=res.ranks if isinstance(res, LoRA) else [], alphas=res.alphas if isinstance(res, LoRA) else [],
         alpha_source=res.alpha_source if isinstance(res, LoRA) else None,
         algebras=res.algebras if isinstance(res, LoRA) else [],
-        components=res.components if isinstance(res, LoRA) else ["unet"],
-        n_targets=len(res.targets) + len(res.text_encoder) if isinstance(res, LoRA) else len(tensors),
+        components=res.components,
+        n_targets=len(res.targets) + sum(map(len, res.others.values())) if isinstance(res, LoRA) else len(tensors),
         dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         n_params=sum(t.numel() for t in tensors.values()), size_bytes=wfile.stat().st_size,
         file_sha256=file_sha256 or sha256_of(wfile), tensor_hash=tensor_hash(wfile, header) if is_st else None,

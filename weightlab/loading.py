@@ -19,6 +19,7 @@ from weightlab.families import (FAMILIES, Family, best_family, detect_family, in
 from weightlab.files import load_tensors, mmap_tensors, sniff
 from weightlab.formats import adapter_config, ldm, lora, motion, single_file
 from weightlab.formats.adapter_config import AdapterConfig
+from weightlab.formats.components import COMPONENTS
 from weightlab.kinds import KINDS
 from weightlab.residuals import Base, Dense, LoRA, MotionModule, Residual
 
@@ -72,17 +73,48 @@ def _guess_lora_kind(targets: dict, source: Path, metadata: dict) -> str:
 
 
 def _full_unet(weights: dict, config: dict, *, kind: str | None, source: Path, metadata: dict, skipped: list,
-               strict: bool, pipeline_dir: Path | None = None) -> Residual:
+               strict: bool, pipeline_dir: Path | None = None, ldm_checkpoint: dict | None = None,
+               components=None) -> Residual:
+    """A base, or a dense term (kind ``style``) whose other components (those in ``components``, default all) are
+    a single-file ``ldm_checkpoint``'s CLIP and VAE (converted by diffusers: `single_file.convert_components`), the
+    components of its ``pipeline_dir``, or the ``<component>.``-prefixed keys `Dense.save` writes."""
     kind = kind or "base"
     if kind == "base":
         return _base(weights, config, source=source, metadata=metadata, skipped=skipped, strict=strict,
                      pipeline_dir=pipeline_dir)
     if kind != "style":
         raise WeightlabError(f"{source}: a full UNet checkpoint can be kind 'base' or 'style' (dense fine-tune), not {kind!r}.")
+    saved = {c: {k[len(c) + 1:]: v for k, v in weights.items() if k.startswith(c + ".")} for c in COMPONENTS if c != "unet"}
+    weights = {k: v for k, v in weights.items() if not k.startswith(tuple(f"{c}." for c in saved))}
     fam, unknown = best_family({k: v.dim() for k, v in weights.items()})  # a dense term is checked against the base at merge
     skipped = skipped + _check_unmatched(unknown, strict, source, "UNet", f"{fam.name} module")
     weights = {k: v for k, v in weights.items() if k not in unknown}
-    return Dense(family=fam.name, kind=kind, source=source, metadata=metadata, skipped=skipped, weights=weights)
+    carried = (single_file.components(ldm_checkpoint) if ldm_checkpoint is not None else
+               [c for c in COMPONENTS if c != "unet" and (pipeline_dir / c).is_dir()] if pipeline_dir is not None else [])
+    # Read only the selected components; a selection naming one it lacks reads all, for the merge to name what it has.
+    if components is not None and {"unet", *carried} >= set(components):
+        carried = [c for c in carried if c in components]
+    if ldm_checkpoint is not None:
+        saved = single_file.convert_components(ldm_checkpoint, fam.name, metadata=metadata, source=str(source),
+                                               names=carried)
+    elif pipeline_dir is not None:
+        saved = {c: read_weights(component_weights(pipeline_dir, c))[0] for c in carried}
+    others = {c: {k.removeprefix(COMPONENTS[c].strip): v for k, v in part.items()} for c, part in saved.items() if part}
+    return Dense(family=fam.name, kind=kind, source=source, metadata=metadata, skipped=skipped, weights=weights,
+                 others=others)
+
+
+def component_weights(folder: Path, component: str) -> Path:
+    """The safetensors weights file of pipeline ``folder``'s ``component``.
+
+    Raises:
+        FileFormatError: there are none (pickled or sharded weights), with the fix.
+    """
+    path = folder / component / COMPONENTS[component].weights_file
+    if not path.is_file():
+        raise FileFormatError(f"{folder / component}: no {path.name}. Fix: save the pipeline with safe_serialization "
+                              f"and unsharded, or leave the component out (a recipe term's `components`).")
+    return path
 
 
 def _base(weights: dict, config: dict | None, *, source: Path, metadata: dict, skipped: list, strict: bool,
@@ -201,32 +233,34 @@ def _lora(weights: dict, *, kind: str | None, source: Path, metadata: dict, stri
     adapter = _adapter_options(source, metadata, config_file)
     fam = _lora_family(weights, metadata, source)
     targets, unmatched = lora.parse_lora(weights, fam, adapter=adapter, source=str(source))
-    te_adapter = adapter_config.from_metadata(metadata, str(source), component="text_encoder")
-    te_targets, te_unmatched = lora.parse_lora(weights, fam, adapter=te_adapter, source=str(source),
-                                               component="text_encoder")
-    unmatched = sorted(unmatched + te_unmatched)
-    skipped = _check_unmatched(unmatched, strict, source, "LoRA", f"{fam.name} UNet or text-encoder module")
-    if not targets and not te_targets:
+    others, alpha_sources = {}, [_alpha_source(targets, adapter)] if targets else []
+    for c in (c for c in COMPONENTS.values() if c.adapter_prefixes):
+        options = adapter_config.from_metadata(metadata, str(source), component=c.name)
+        found, more = lora.parse_lora(weights, fam, adapter=options, source=str(source), component=c.name)
+        unmatched += more
+        if found:
+            others[c.name] = found
+            alpha_sources.append(f"{c.name}: {_alpha_source(found, options)}")
+    skipped = _check_unmatched(sorted(unmatched), strict, source, "LoRA", f"{fam.name} UNet or text-encoder module")
+    if not targets and not others:
         raise UnmatchedKeysError(f"{source}: no LoRA target maps to a UNet module of any known family "
                                  f"({', '.join(FAMILIES)}) or to a CLIP text-encoder module. Fix: use a LoRA made "
-                                 "for Stable Diffusion.", unmatched)
+                                 "for Stable Diffusion.", sorted(unmatched))
     family = fam.name
     kind = kind or metadata.get("weightlab.kind") or _guess_lora_kind(targets, source, metadata)
     if kind not in ("style", "image_accel", "motion_lora"):
         raise WeightlabError(f"{source}: a LoRA can be kind style, image_accel or motion_lora, not {kind!r}.")
     motion_targets = [p for p in targets if is_motion_key(p)]
-    if kind == "motion_lora" and (len(motion_targets) != len(targets) or te_targets):
-        spatial = [p for p in targets if p not in motion_targets] + [f"text_encoder.{p}" for p in te_targets]
+    if kind == "motion_lora" and (len(motion_targets) != len(targets) or others):
+        spatial = [p for p in targets if p not in motion_targets] + [f"{c}.{p}" for c, part in others.items() for p in part]
         raise WeightlabError(f"{source}: a motion LoRA may only target motion-module weights; found spatial targets "
                              f"{fmt_keys(spatial)}.")
-    alpha_source = _alpha_source(targets, adapter) if targets else ""
-    if te_targets:
-        alpha_source = "; ".join(filter(None, (alpha_source, "text encoder: " + _alpha_source(te_targets, te_adapter))))
     return LoRA(family=family, kind=kind, source=source, metadata=metadata, skipped=skipped, targets=targets,
-                text_encoder=te_targets, alpha_source=alpha_source)
+                others=others, alpha_source="; ".join(alpha_sources))
 
 
-def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = False, strict: bool = True) -> Residual:
+def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = False, strict: bool = True,
+         components=None) -> Residual:
     """Load a base, LoRA, dense fine-tune or motion module from any supported layout.
 
     Args:
@@ -238,6 +272,9 @@ def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = Fals
             ``motion_lora``); detected when None. A full checkpoint declared ``style`` becomes a :class:`Dense`.
         allow_pickle (bool, default False): read ``.ckpt/.pt/.bin`` with ``torch.load(weights_only=True)`` in a child process.
         strict (bool, default True): unmatched keys raise :class:`UnmatchedKeysError`; False reports them in ``.skipped``.
+        components (Iterable[str] | None, default None): the pipeline components a dense fine-tune's file is read
+            for (`weightlab.formats.components`; a recipe term's ``components``); None: every one it carries. A
+            single-file checkpoint's CLIP and VAE left out here are not converted, so not checked.
     Returns:
         Residual: a :class:`Base`, :class:`Dense`, :class:`LoRA` or :class:`MotionModule` with normalised keys.
     Example:
@@ -249,7 +286,7 @@ def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = Fals
     if kind is not None and kind not in KINDS:
         raise WeightlabError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}.")
     if path.is_dir():
-        return _load_folder(path, kind=kind, allow_pickle=allow_pickle, strict=strict)
+        return _load_folder(path, kind=kind, allow_pickle=allow_pickle, strict=strict, components=components)
     if not path.exists():
         raise FileFormatError(f"{path}: no such file or folder.")
     weights, metadata = read_weights(path, allow_pickle=allow_pickle)
@@ -264,9 +301,10 @@ def load(path: str | Path, *, kind: str | None = None, allow_pickle: bool = Fals
     if ldm.is_ldm(weights):
         converted, config, skipped = ldm.convert_ldm_unet(weights, strict=strict, source=str(path))
         return _full_unet(converted, stored_cfg or config, kind=kind, source=path, metadata=metadata,
-                          skipped=skipped, strict=strict)
+                          skipped=skipped, strict=strict, ldm_checkpoint=weights, components=components)
     if "conv_in.weight" in weights:
-        return _full_unet(weights, stored_cfg, kind=kind, source=path, metadata=metadata, skipped=[], strict=strict)
+        return _full_unet(weights, stored_cfg, kind=kind, source=path, metadata=metadata, skipped=[], strict=strict,
+                          components=components)
     if any(is_motion_key(k) or k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in weights):
         return _motion(weights, config=stored_cfg, kind=kind, source=path, metadata=metadata, strict=strict)
     raise UnmatchedKeysError(
@@ -322,7 +360,7 @@ def lora_folder_file(folder: Path, allow_pickle: bool) -> Path | None:
     return None
 
 
-def _load_folder(path: Path, *, kind: str | None, allow_pickle: bool, strict: bool) -> Residual:
+def _load_folder(path: Path, *, kind: str | None, allow_pickle: bool, strict: bool, components=None) -> Residual:
     lora_file = lora_folder_file(path, allow_pickle)
     if lora_file is not None:
         weights, metadata = read_weights(lora_file, allow_pickle=allow_pickle)
@@ -345,5 +383,5 @@ def _load_folder(path: Path, *, kind: str | None, allow_pickle: bool, strict: bo
         return _motion(weights, config=config, kind=kind, source=path, metadata=metadata, strict=strict)
     if cls in ("UNet2DConditionModel", "UNetMotionModel"):
         return _full_unet(weights, config, kind=kind, source=path, metadata=metadata, skipped=[], strict=strict,
-                          pipeline_dir=pipeline_dir)
+                          pipeline_dir=pipeline_dir, components=components)
     raise FileFormatError(f"{path}: unsupported diffusers class {cls!r} (expected UNet2DConditionModel, UNetMotionModel or MotionAdapter).")

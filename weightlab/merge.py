@@ -12,10 +12,12 @@ Rules (DESIGN.md "Merge engine semantics"):
 - the per-tensor arithmetic is :func:`weightlab.kernels.merge` (fused Triton kernel on CUDA, PyTorch otherwise).
 
 Entry points: :class:`Merger` (in place into a live diffusers UNet), :func:`build_unet`, :func:`merge_to_file`
-and :func:`merge_to_folder` (streamed, one tensor at a time). A LoRA's text-encoder targets are composed by the
-same :class:`Composition` into the base pipeline's text encoder (:func:`build_text_encoder`, and ``text_encoder/``
-of :func:`merge_to_folder`); :func:`merge_to_file` writes the UNet only. Sources are paths; a registry reference
-needs the registry's resolver (``resolve=``, see :func:`resolve_path`).
+and :func:`merge_to_folder` (streamed, one tensor at a time). The other pipeline components a term changes (a
+LoRA's text-encoder targets, SDXL's second text encoder; a dense checkpoint's CLIP and baked VAE:
+`weightlab.formats.components`) are composed by the same :class:`Composition`, one per component, into the base
+pipeline's (:func:`build_component`, :func:`build_text_encoder`, and ``<component>/`` of :func:`merge_to_folder`);
+:func:`merge_to_file` writes the UNet only. Sources are paths; a registry reference needs the registry's resolver
+(``resolve=``, see :func:`resolve_path`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from weightlab.errors import (MissingComponentError, RecipeError, ShapeMismatchE
                               UnresolvedSourceError, WeightlabError, fmt_keys)
 from weightlab.families import best_family, check_fits, is_motion_key
 from weightlab.files import release_pages, torch_dtype
+from weightlab.formats.components import COMPONENTS
 from weightlab.kinds import KIND_ORDER
 from weightlab.loading import load
 from weightlab.methods import get_method
@@ -79,6 +82,7 @@ class Composition:
     method: str = "linear"
     method_args: dict = field(default_factory=dict)
     family: str | None = "sd15"  # the base's; None: the model fits no known family, shapes alone decide
+    component: str = "unet"  # the pipeline component composed: each term enters as its part of it (Residual.component)
     touching: dict[str, list[int]] = field(default_factory=dict)
     order: list[int] = field(default_factory=list)
 
@@ -86,7 +90,8 @@ class Composition:
         # Canonical order: identical (kind, source, scale) terms contribute identical values, so ties are harmless.
         self.order = sorted(range(len(self.inputs)),
                             key=lambda i: (KIND_ORDER[self.inputs[i].kind], self.inputs[i].source, self.inputs[i].scale, i))
-        self.inputs = [replace(self.inputs[i]) for i in self.order]
+        self.inputs = [replace(self.inputs[i], residual=self.inputs[i].residual.component(self.component))
+                       for i in self.order]
         self.pristine = dict(self.pristine)
         self._combine = get_method(self.method)
         self._validate()
@@ -238,7 +243,7 @@ def load_inputs(recipe: Recipe, *, resolve: Resolver = resolve_path) -> tuple[Ba
     base = load(resolve(recipe.base), kind="base")
     inputs = []
     for t in recipe.terms:
-        res = load(resolve(t.source), kind=t.kind if t.kind != "motion_lora" else "motion_lora")
+        res = load(resolve(t.source), kind=t.kind if t.kind != "motion_lora" else "motion_lora", components=t.components)
         inputs.append(Input(_components(t, res), t.kind, t.scale, t.source))
     return base, inputs
 
@@ -249,54 +254,59 @@ def _components(term: Term, res: Residual) -> Residual:
     Raises:
         RecipeError: the term names a component the residual does not carry.
     """
-    carries = res.components if isinstance(res, LoRA) else ["unet"]
     if term.components is None:
         return res
+    carries = res.components
     if missing := [c for c in term.components if c not in carries]:
         raise RecipeError(f"{term.source}: the term names component(s) {', '.join(missing)}, but the residual carries "
                           f"only {', '.join(carries)}. Fix: list only {', '.join(carries)} in the term's `components`, "
                           "or omit it.")
-    if not isinstance(res, LoRA):
-        return res
-    return replace(res, targets=res.targets if "unet" in term.components else {},
-                   text_encoder=res.text_encoder if "text_encoder" in term.components else {})
+    return res.select(term.components)
 
 
-def _text_encoder_terms(inputs: list[Input]) -> list[Input]:
-    """The terms that change the text encoder, each reduced to its text-encoder targets."""
-    return [replace(t, residual=t.residual.component("text_encoder")) for t in inputs
-            if isinstance(t.residual, LoRA) and t.residual.text_encoder]
+@dataclass
+class _Part:
+    """The composition of one pipeline component besides the UNet, the base pipeline's folder of it, and each key's
+    name in its weights file (keys are used without the component's ``strip``: `weightlab.formats.components`)."""
+
+    comp: Composition
+    folder: Path
+    names: dict[str, str]
 
 
-def _text_encoder_composition(recipe: Recipe, base: Base, inputs: list[Input], *,
-                              tokenizer: str | Path | None = None) -> tuple[Composition, Path, dict[str, str]] | None:
-    """The validated composition of the terms' text-encoder targets over the pristine text encoder of the base's
-    pipeline folder (memory-mapped; keys without transformers 4's ``text_model.``, as the targets), that text
-    encoder's folder, and each key's name in its file; None when no term changes it.
+def _parts(recipe: Recipe, base: Base, inputs: list[Input], *, tokenizer: str | Path | None = None,
+           only: Iterable[str] | None = None) -> dict[str, _Part]:
+    """For every component besides the UNet that a term changes (of ``only``, when given), the validated composition
+    of the terms' parts over that component of the base's pipeline folder (memory-mapped, pristine).
 
     Raises:
-        MissingComponentError: a term changes the text encoder, but the base has none (a UNet-only base).
+        MissingComponentError: a term changes a component the base does not have (a UNet-only base), or a single-file
+            base's tokenizer is not found.
     """
-    from weightlab.formats.lora import TEXT_MODEL_PREFIX
-    from weightlab.inspect import weights_file
-    from weightlab.loading import pipeline_dir, read_weights
+    from weightlab.loading import component_weights, pipeline_dir, read_weights
 
-    terms = _text_encoder_terms(inputs)
-    if not terms:
-        return None
-    try:
-        folder = pipeline_dir(base, tokenizer=tokenizer) / "text_encoder"
-    except MissingComponentError:
-        raise MissingComponentError(
-            f"{', '.join(t.source for t in terms)}: change(s) the text encoder, but the base {recipe.base} has none. "
-            "Fix: use a diffusers pipeline folder (or a single-file checkpoint with its CLIP) as the base, or add "
-            "`components: [unet]` to the term(s).") from None
-    stored, _ = read_weights(weights_file(folder))
-    pristine = {k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in stored.items()}
-    method = recipe.method if any(t.kind == "style" for t in terms) else "linear"
-    comp = Composition(pristine, terms, {k: tuple(v.shape) for k, v in pristine.items()}, method,
-                       dict(recipe.method_args), family=None)
-    return comp, folder, {k.removeprefix(TEXT_MODEL_PREFIX): k for k in stored}
+    changed = {c: [t for t in inputs if c in t.residual.components] for c in COMPONENTS
+               if c != "unet" and (only is None or c in only)}
+    changed = {c: terms for c, terms in changed.items() if terms}
+    has = base.components if changed else []
+    for c, terms in changed.items():
+        if c not in has:
+            keep = sorted({x for t in terms for x in t.residual.components if x in has}, key=list(COMPONENTS).index)
+            raise MissingComponentError(
+                f"{', '.join(t.source for t in terms)}: change(s) the {c}, but the base {recipe.base} has none. Fix: use "
+                f"a diffusers pipeline folder with {c}/ (or a single-file checkpoint that carries it) as the base, or "
+                + (f"add `components: [{', '.join(keep)}]` to the term(s)." if keep else "remove the term(s)."))
+    pipeline = pipeline_dir(base, tokenizer=tokenizer) if changed else None
+    parts = {}
+    for c, terms in changed.items():
+        stored, _ = read_weights(component_weights(pipeline, c))
+        names = COMPONENTS[c].names(stored)
+        pristine = {k: stored[name] for k, name in names.items()}
+        method = recipe.method if any(t.kind == "style" for t in terms) else "linear"
+        comp = Composition(pristine, terms, {k: tuple(v.shape) for k, v in pristine.items()}, method,
+                           dict(recipe.method_args), family=None, component=c)
+        parts[c] = _Part(comp, pipeline / c, names)
+    return parts
 
 
 def _compose_into(comp: Composition, dst: dict[str, torch.Tensor], backend: str) -> None:
@@ -307,23 +317,27 @@ def _compose_into(comp: Composition, dst: dict[str, torch.Tensor], backend: str)
     merge([comp.item(k, dst[k]) for k in sorted(comp.touching)], backend=backend, after=_release)
 
 
+def build_component(recipe: Recipe, name: str, *, dtype: torch.dtype | None = None, device: str | None = None,
+                    backend: str = "auto", resolve: Resolver = resolve_path, tokenizer: str | Path | None = None):
+    """The base pipeline's component ``name`` (``text_encoder``, ``text_encoder_2``, ``vae``: its model class in
+    `weightlab.formats.components`) with the recipe's residuals of it composed in (eval mode, in ``dtype``, default
+    the recipe's), or None when no term changes it. ``tokenizer``: for a single-file base (`loading.pipeline_dir`)."""
+    base, inputs = load_inputs(recipe, resolve=resolve)
+    part = _parts(recipe, base, inputs, tokenizer=tokenizer, only=(name,)).get(name)
+    if part is None:
+        return None
+    model = COMPONENTS[name].model_type().from_pretrained(part.folder, dtype=dtype or torch_dtype(recipe.dtype))
+    params = model.state_dict(keep_vars=True)
+    names = COMPONENTS[name].names(params)
+    _compose_into(part.comp, {k: params[names[k]].data for k in part.comp.touching}, backend)
+    return model.to(device or recipe.device).eval().requires_grad_(False)
+
+
 def build_text_encoder(recipe: Recipe, *, dtype: torch.dtype | None = None, device: str | None = None,
                        backend: str = "auto", resolve: Resolver = resolve_path, tokenizer: str | Path | None = None):
-    """The base pipeline's ``CLIPTextModel`` with the recipe's text-encoder residuals composed into it (eval mode, in
-    ``dtype``, default the recipe's), or None when no term changes the text encoder."""
-    from transformers import CLIPTextModel
-
-    from weightlab.formats.lora import TEXT_MODEL_PREFIX
-
-    base, inputs = load_inputs(recipe, resolve=resolve)
-    found = _text_encoder_composition(recipe, base, inputs, tokenizer=tokenizer)
-    if found is None:
-        return None
-    comp, folder, _ = found
-    model = CLIPTextModel.from_pretrained(folder, torch_dtype=dtype or torch_dtype(recipe.dtype))
-    params = {k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in model.state_dict(keep_vars=True).items()}
-    _compose_into(comp, {k: params[k].data for k in comp.touching}, backend)
-    return model.to(device or recipe.device).eval().requires_grad_(False)
+    """:func:`build_component` of the ``text_encoder`` (the base pipeline's ``CLIPTextModel``), or None."""
+    return build_component(recipe, "text_encoder", dtype=dtype, device=device, backend=backend, resolve=resolve,
+                           tokenizer=tokenizer)
 
 
 def _composition(base: Base, inputs: list[Input], shapes: dict[str, tuple[int, ...]], method="linear", method_args=None) -> Composition:
@@ -487,28 +501,30 @@ def _provenance(recipe: Recipe, base: Base, inputs: list[Input]) -> dict[str, st
     }
 
 
-def _stream(recipe: Recipe, out: Path, *, backend: str, progress: bool, resolve: Resolver,
-            loaded: tuple[Base, list[Input]] | None = None):
+def _unet_composition(recipe: Recipe, base: Base, inputs: list[Input]):
+    """The validated UNet composition of a recipe's loaded inputs, and the (meta-device) model it fills."""
+    motion = next((t.residual for t in inputs if t.kind == "motion"), None)
+    meta_model = _model_for(base, motion)
+    shapes = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    return _composition(base, inputs, shapes, recipe.method, recipe.method_args), meta_model
+
+
+def _stream(comp: Composition, out: Path, provenance: dict[str, str], *, dtype: torch.dtype, device: str,
+            backend: str, progress: bool) -> dict:
     from weightlab.kernels import merge
     from weightlab.streaming import StreamWriter
 
     t0 = time.perf_counter()
-    base, inputs = loaded or load_inputs(recipe, resolve=resolve)
-    motion = next((t.residual for t in inputs if t.kind == "motion"), None)
-    meta_model = _model_for(base, motion)
-    shapes = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
-    comp = _composition(base, inputs, shapes, recipe.method, recipe.method_args)
-    dtype = torch_dtype(recipe.dtype)
+    shapes = comp.shapes
     with StreamWriter(out, {k: (dtype, shapes[k]) for k in shapes}) as writer:
-        writer.begin(_provenance(recipe, base, inputs))
+        writer.begin(provenance)
         for key in writer.progress(enabled=progress, desc="merge"):
-            dst = torch.empty(shapes[key], dtype=dtype, device=recipe.device)
+            dst = torch.empty(shapes[key], dtype=dtype, device=device)
             merge([comp.item(key, dst)], backend=backend, after=_release)
             writer.write(key, dst)
         output_hash = writer.finish()
-    summary = {"path": str(out), "output_hash": output_hash, "seconds": time.perf_counter() - t0,
-               "tensors": len(shapes), "bytes": writer.nbytes}
-    return summary, meta_model
+    return {"path": str(out), "output_hash": output_hash, "seconds": time.perf_counter() - t0,
+            "tensors": len(shapes), "bytes": writer.nbytes}
 
 
 def merge_to_file(recipe: Recipe, out: str | Path, *, backend: str = "auto", progress: bool = True,
@@ -517,21 +533,25 @@ def merge_to_file(recipe: Recipe, out: str | Path, *, backend: str = "auto", pro
 
     Returns ``{"path", "output_hash", "seconds", "tensors", "bytes"}``. The file's ``__metadata__`` carries the
     recipe, every input's tensor hash and the output hash (equal to :func:`weightlab.files.tensor_hash` of it).
-    Text-encoder residuals are not in a UNet file (a warning names them): :func:`merge_to_folder` composes them.
+    Residuals of the other components (text encoders, VAE) are not in a UNet file (a warning names them):
+    :func:`merge_to_folder` composes them.
     """
     base, inputs = load_inputs(recipe, resolve=resolve)
-    if terms := _text_encoder_terms(inputs):
-        log.warning("%s: a UNet file leaves out the text-encoder residual of %s; write a folder (merge_to_folder, "
-                    "`weightlab merge --out DIR`) to compose it.", out, ", ".join(t.source for t in terms))
-    return _stream(recipe, Path(out), backend=backend, progress=progress, resolve=resolve, loaded=(base, inputs))[0]
+    for c in (c for c in COMPONENTS if c != "unet"):
+        if sources := [t.source for t in inputs if c in t.residual.components]:
+            log.warning("%s: a UNet file leaves out the %s residual of %s; write a folder (merge_to_folder, "
+                        "`weightlab merge --out DIR`) to compose it.", out, c, ", ".join(sources))
+    comp, _ = _unet_composition(recipe, base, inputs)
+    return _stream(comp, Path(out), _provenance(recipe, base, inputs), dtype=torch_dtype(recipe.dtype),
+                   device=recipe.device, backend=backend, progress=progress)
 
 
 def merge_to_folder(recipe: Recipe, out: str | Path, *, backend: str = "auto", progress: bool = True,
                     resolve: Resolver = resolve_path) -> dict:
     """A diffusers model folder (``UNetMotionModel`` with a motion term, else ``UNet2DConditionModel``):
-    ``config.json`` + streamed ``diffusion_pytorch_model.safetensors`` + ``recipe.json``; when a term changes the
-    text encoder, also ``text_encoder/`` (the base pipeline's, its weights merged in their own dtype, the others
-    copied bit for bit)."""
+    ``config.json`` + streamed ``diffusion_pytorch_model.safetensors`` + ``recipe.json``; and, for each other
+    component a term changes (``text_encoder/``, ``text_encoder_2/``, ``vae/``), the base pipeline's, its weights
+    merged in their own dtype and the others copied bit for bit. Everything is validated before anything is written."""
     from weightlab.files import save_tensors
 
     out = Path(out)
@@ -539,21 +559,21 @@ def merge_to_folder(recipe: Recipe, out: str | Path, *, backend: str = "auto", p
         raise WeightlabError(f"{out}: exists and is not a diffusers model folder; refusing to write into it. "
                              "Fix: choose an empty or new folder.")
     base, inputs = load_inputs(recipe, resolve=resolve)
-    text_encoder = _text_encoder_composition(recipe, base, inputs)  # validated before anything is written
+    parts = _parts(recipe, base, inputs)
+    comp, meta_model = _unet_composition(recipe, base, inputs)
     out.mkdir(parents=True, exist_ok=True)
-    summary, meta_model = _stream(recipe, out / "diffusion_pytorch_model.safetensors", backend=backend,
-                                  progress=progress, resolve=resolve, loaded=(base, inputs))
+    summary = _stream(comp, out / "diffusion_pytorch_model.safetensors", _provenance(recipe, base, inputs),
+                      dtype=torch_dtype(recipe.dtype), device=recipe.device, backend=backend, progress=progress)
     meta_model.save_config(out)
-    if text_encoder is None:
-        shutil.rmtree(out / "text_encoder", ignore_errors=True)  # a previous merge's into this folder
-    else:
-        comp, folder, names = text_encoder
-        merged = {k: torch.empty_like(comp.pristine[k], device="cpu") for k in comp.touching}
-        _compose_into(comp, merged, backend)
-        (out / "text_encoder").mkdir(exist_ok=True)
-        save_tensors({names[k]: v for k, v in {**comp.pristine, **merged}.items()},
-                     out / "text_encoder" / "model.safetensors", {"format": "pt"})
-        (out / "text_encoder" / "config.json").write_bytes((folder / "config.json").read_bytes())
+    for c in (c for c in COMPONENTS if c != "unet" and c not in parts):
+        shutil.rmtree(out / c, ignore_errors=True)  # a previous merge's into this folder
+    for c, part in parts.items():
+        merged = {k: torch.empty_like(part.comp.pristine[k], device="cpu") for k in part.comp.touching}
+        _compose_into(part.comp, merged, backend)
+        (out / c).mkdir(exist_ok=True)
+        save_tensors({part.names[k]: v for k, v in {**part.comp.pristine, **merged}.items()},
+                     out / c / COMPONENTS[c].weights_file, {"format": "pt"})
+        (out / c / "config.json").write_bytes((part.folder / "config.json").read_bytes())
     (out / "recipe.json").write_text(recipe.to_json())
     summary["path"] = str(out)
     return summary

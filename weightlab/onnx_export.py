@@ -5,15 +5,17 @@ An export folder (DESIGN.md "Video assembly, sampling and export")::
     manifest.json                          written last: dtype, opset, shapes (dynamic and static), verification
                                            errors with input hashes, the recipe, and each graph's initializer table
     unet/model.onnx + model.onnx.data      UNetMotionModel; initializer names are the diffusers state-dict keys
-    text_encoder/model.onnx + .data        CLIP text encoder (last hidden state)
+    text_encoder/model.onnx + .data        CLIP text encoder (last hidden state), with the recipe's text-encoder
+                                           residuals composed in (a style LoRA's ``lora_te_*`` half), if any
     vae_decoder/model.onnx + .data         VAE decoder (post-quant conv + decoder)
     tokenizer/, scheduler/                 what :class:`weightlab.onnx_runtime.OnnxVideoPipeline` needs besides
 
 Graphs come from ``torch.export.export`` (so a dimension that cannot stay dynamic is an error, never silently
 frozen) translated by ``torch.onnx.export(..., dynamo=True)`` without graph optimisation, which keeps every
 weight as an initializer named after its parameter and stored in the external-data file. That is what lets
-:func:`reweight_onnx` re-merge new α/β/γ and rewrite only ``unet/model.onnx.data``, leaving the graph file
-byte-identical (a TensorRT engine embeds the weights, so the runtime keys its engine cache on the weights hash).
+:func:`reweight_onnx` re-merge new α/β/γ and rewrite only ``unet/model.onnx.data`` (and
+``text_encoder/model.onnx.data`` when the new recipe's text encoder differs), leaving the graph files byte-identical
+(a TensorRT engine embeds the weights, so the runtime keys its engine cache on the weights' hashes).
 ONNX Runtime applies its own graph optimisations when a session starts.
 
 Example:
@@ -39,7 +41,7 @@ import torch
 from weightlab.errors import ExportError
 from weightlab.onnx_manifest import MANIFEST, ExportDtype, Graph, OnnxManifest, Pipeline, Verification
 from weightlab.onnx_runtime import create_session
-from weightlab.video import animatelcm_scheduler, load_unet, merged_unet, vae_dtype
+from weightlab.video import animatelcm_scheduler, load_unet, merged_component, vae_dtype
 
 log = logging.getLogger(__name__)
 GRAPH, DATA = "model.onnx", "model.onnx.data"
@@ -199,8 +201,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _raw(t: torch.Tensor):
+    """A tensor's bytes, as a numpy uint8 array (on the CPU)."""
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+
+
 def _tensor_sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(_raw(t).tobytes()).hexdigest()
 
 
 def _dims(value_info) -> list:
@@ -340,17 +347,33 @@ def _source_name(source) -> str | None:
     return str(source) if isinstance(source, (str, Path)) else None
 
 
-def _recipe_fields(recipe, unet) -> dict:
+def _recipe_fields(recipe, unet, text_encoder, merged: bool) -> dict:
     from weightlab.files import state_dict_hash
 
     return {"recipe": recipe.model_dump(mode="json") if recipe else None, "recipe_hash": recipe.hash if recipe else None,
-            "weights_sha256": state_dict_hash(unet.state_dict())}
+            "weights_sha256": state_dict_hash(unet.state_dict()),
+            "text_encoder_sha256": state_dict_hash(text_encoder.state_dict()) if text_encoder is not None else None,
+            "text_encoder_merged": merged if text_encoder is not None else None}
+
+
+def _text_encoder(source, pipeline_dir: Path, unet, resolve) -> tuple[torch.nn.Module, bool]:
+    """The text encoder that goes with ``unet`` (its dtype and device): the recipe's text-encoder residuals composed
+    into the base's (:func:`weightlab.video.merged_component`), else ``pipeline_dir``'s; and whether it is merged."""
+    from transformers import CLIPTextModel
+
+    merged = merged_component(source, "text_encoder", dtype=unet.dtype, device=str(unet.device), resolve=resolve,
+                              tokenizer=pipeline_dir / "tokenizer")
+    if merged is not None:
+        return merged, True
+    base = CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder", torch_dtype=unet.dtype)
+    return base.to(unet.device).eval().requires_grad_(False), False
 
 
 def export_onnx(source, out_dir: str | Path, *, dtype: str = "float32", pipeline_dir: str | Path | None = None,
                 device: str | None = None, opset: int | None = None, verify: bool = True,
                 progress: bool = True, resolve: Callable[[str], Path] | None = None) -> OnnxManifest:
-    """Export the merged UNetMotionModel, the text encoder and the VAE decoder to ONNX, verified against PyTorch.
+    """Export the merged UNetMotionModel, the text encoder (with the recipe's text-encoder residuals composed in) and
+    the VAE decoder to ONNX, verified against PyTorch.
 
     Args:
         source (Recipe | str | Path): recipe, recipe file or merged folder (see :func:`weightlab.video.load_unet`).
@@ -371,7 +394,7 @@ def export_onnx(source, out_dir: str | Path, *, dtype: str = "float32", pipeline
     """
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype {dtype!r} cannot be exported. Fix: use {' or '.join(EXPORT_DTYPES)}.")
@@ -385,8 +408,11 @@ def export_onnx(source, out_dir: str | Path, *, dtype: str = "float32", pipeline
 
     unet, folder, recipe = load_unet(source, pipeline_dir=pipeline_dir, dtype=dtype, device=device, resolve=resolve)
     device = unet.device
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=unet.dtype).to(device).eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype(folder / "vae", unet.dtype)).to(device).eval()
+    text_encoder, merged = _text_encoder(source, folder, unet, resolve)
+    vae_type = vae_dtype(folder / "vae", unet.dtype)  # a checkpoint's baked VAE (a dense term's) composed in, else the base's
+    vae = (merged_component(source, "vae", dtype=vae_type, device=str(device), resolve=resolve,
+                            tokenizer=folder / "tokenizer")
+           or AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_type).to(device).eval())
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     text_len = tokenizer.model_max_length
     shutil.rmtree(out / "tokenizer", ignore_errors=True)
@@ -400,7 +426,7 @@ def export_onnx(source, out_dir: str | Path, *, dtype: str = "float32", pipeline
               for spec in tqdm(specs, desc="export onnx", disable=not progress)}
     manifest = OnnxManifest(
         dtype=dtype, opset=models["unet"].opset, created=_now(), versions=_versions(), source=_source_name(source),
-        **_recipe_fields(recipe, unet),
+        **_recipe_fields(recipe, unet, text_encoder, merged),
         pipeline=Pipeline(
             latent_channels=unet.config.in_channels, sample_size=unet.config.sample_size,
             max_frames=unet.config.motion_max_seq_length, text_max_length=text_len,
@@ -420,25 +446,59 @@ def _write_initializers(data: Path, table: dict, state: dict[str, torch.Tensor])
         for name, entry in sorted(table.items(), key=lambda kv: kv[1].offset):
             if name not in state:
                 continue
-            raw = state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
             f.seek(entry.offset)
-            f.write(memoryview(raw))
+            f.write(memoryview(_raw(state[name])))
         f.flush()
         os.fsync(f.fileno())
     return new
 
 
-def reweight_onnx(onnx_dir: str | Path, source, *, device: str | None = None, verify: bool = True,
-                  resolve: Callable[[str], Path] | None = None) -> OnnxManifest:
-    """Re-merge ``source`` (new α/β/γ) into an existing export, rewriting only the UNet's external-data file.
+def _differs(data: Path, table: dict, state: dict[str, torch.Tensor]) -> bool:
+    """Whether any initializer named in ``state`` holds other bytes in ``data`` than ``state`` has."""
+    with open(data, "rb") as f:
+        for name, entry in sorted(table.items(), key=lambda kv: kv[1].offset):
+            if name in state:
+                f.seek(entry.offset)
+                if f.read(entry.length) != _raw(state[name]).tobytes():
+                    return True
+    return False
 
-    The graph file stays byte-identical (checked before and after). The new weights must match the export's
-    initializer table (names, dtypes, shapes); with ``verify`` the re-weighted graph is compared with PyTorch on
-    the export's verification inputs, and on failure the previous data file is put back.
+
+def _check_fits(entry: Graph, state: dict[str, torch.Tensor], source, name: str) -> None:
+    """Refuse new weights whose names, dtypes or shapes differ from the export's initializer table."""
+    table = entry.initializers
+    bad = [f"{k} ({list(state[k].shape)} {str(state[k].dtype).removeprefix('torch.')} vs {e.shape} {e.dtype})"
+           for k, e in table.items() if k in state and (list(state[k].shape) != e.shape
+                                                        or str(state[k].dtype).removeprefix("torch.") != e.dtype)]
+    missing = [k for k in table if k not in state and k not in entry.constants]
+    extra = [k for k in state if k not in table and k not in entry.unused]
+    if bad or missing or extra:
+        raise ExportError(f"{source}: its merged {name} does not fit this export's initializers ({len(bad)} differ, "
+                          f"{len(missing)} missing, {len(extra)} new: {', '.join((bad + missing + extra)[:5])}). "
+                          "Fix: re-export (`weightlab export onnx`); re-weighting only changes scales, not the architecture.")
+
+
+def _check_graph(folder: Path, entry: Graph, when: str) -> None:
+    graph = folder / entry.graph
+    if _sha256(graph) != entry.graph_sha256:
+        raise ExportError(f"{graph} changed {when} (hash differs from the manifest). "
+                          "Fix: re-export with `weightlab export onnx`.")
+
+
+def reweight_onnx(onnx_dir: str | Path, source, *, pipeline_dir: str | Path | None = None, device: str | None = None,
+                  verify: bool = True, resolve: Callable[[str], Path] | None = None) -> OnnxManifest:
+    """Re-merge ``source`` (new α/β/γ) into an existing export, rewriting only external-data files: the UNet's, and
+    the text encoder's when ``source``'s differs from the exported one (a term with a text-encoder residual, its
+    scale, or another base), so the export never pairs a UNet of one recipe with a text encoder of another.
+
+    The graph files stay byte-identical (checked before and after). The new weights must match the export's
+    initializer tables (names, dtypes, shapes); with ``verify`` each rewritten graph is compared with PyTorch on the
+    export's verification inputs, and on failure every previous data file is put back.
 
     Args:
         onnx_dir (str | Path): a folder written by :func:`export_onnx`.
         source (Recipe | str | Path): the new recipe, recipe file or merged folder (same base architecture).
+        pipeline_dir (str | Path | None, default None): where the text encoder comes from; the recipe base's.
         device (str | None, default None): where to merge and verify.
         verify (bool, default True): verify the new weights against PyTorch.
         resolve (Callable[[str], Path] | None, default None): turns the recipe's sources into paths (see
@@ -450,40 +510,51 @@ def reweight_onnx(onnx_dir: str | Path, source, *, device: str | None = None, ve
     """
     folder = Path(onnx_dir)
     manifest = OnnxManifest.read(folder)
-    entry = manifest.models["unet"]
-    graph, data = folder / entry.graph, folder / entry.data
-    if _sha256(graph) != entry.graph_sha256:
-        raise ExportError(f"{graph} changed since it was exported (hash differs from the manifest). "
-                          "Fix: re-export with `weightlab export onnx`.")
-    unet, recipe = merged_unet(source, dtype=manifest.dtype, device=device, resolve=resolve)
-    state = unet.state_dict()
-    table = entry.initializers
-    bad = [f"{k} ({list(state[k].shape)} {str(state[k].dtype).removeprefix('torch.')} vs {e.shape} {e.dtype})"
-           for k, e in table.items() if k in state and (list(state[k].shape) != e.shape
-                                                        or str(state[k].dtype).removeprefix("torch.") != e.dtype)]
-    missing = [k for k in table if k not in state and k not in entry.constants]
-    extra = [k for k in state if k not in table and k not in entry.unused]
-    if bad or missing or extra:
-        raise ExportError(f"{source}: its merged model does not fit this export's initializers ({len(bad)} differ, "
-                          f"{len(missing)} missing, {len(extra)} new: {', '.join((bad + missing + extra)[:5])}). "
-                          "Fix: re-export (`weightlab export onnx`); re-weighting only changes scales, not the architecture.")
-    new = _write_initializers(data, table, state)
-    old = data.with_name(data.name + ".old")
-    os.replace(data, old)
-    os.replace(new, data)
+    entries = {name: manifest.models[name] for name in ("unet", "text_encoder") if name in manifest.models}
+    for entry in entries.values():
+        _check_graph(folder, entry, "since it was exported")
+    unet, pipeline, recipe = load_unet(source, pipeline_dir=pipeline_dir, dtype=manifest.dtype, device=device,
+                                       resolve=resolve, tokenizer=folder / "tokenizer")
+    if merged_component(source, "vae", dtype=unet.dtype, device=str(unet.device), resolve=resolve,
+                        tokenizer=folder / "tokenizer") is not None:
+        raise ExportError(f"{source}: a term changes the VAE (a checkpoint's baked VAE); re-weighting rewrites the UNet "
+                          "and the text encoder only. Fix: re-export (`weightlab export onnx`).")
+    text_len = manifest.pipeline.text_max_length
+    specs = [_unet_spec(unet, text_len)]
+    text_encoder = merged = None
+    if "text_encoder" in entries:
+        text_encoder, merged = _text_encoder(source, pipeline, unet, resolve)
+        specs.append(_text_encoder_spec(text_encoder, text_len))
+    states = {spec.name: spec.module.state_dict() for spec in specs}
+    for spec in specs:
+        _check_fits(entries[spec.name], states[spec.name], source, spec.name)
+    if text_encoder is not None and not _differs(folder / entries["text_encoder"].data,
+                                                 entries["text_encoder"].initializers, states["text_encoder"]):
+        specs.pop()  # the exported text encoder is already this one: its files stay as they are
+    data = {spec.name: folder / entries[spec.name].data for spec in specs}
+    old = {name: path.with_name(path.name + ".old") for name, path in data.items()}
+    new, swapped = {}, []
     try:
+        for name, path in data.items():
+            new[name] = _write_initializers(path, entries[name].initializers, states[name])
+        for name, path in data.items():
+            os.replace(path, old[name])
+            swapped.append(name)
+            os.replace(new[name], path)
         if verify:
-            text_len = manifest.pipeline.text_max_length
-            entry.verification = _verify(_unet_spec(unet, text_len), folder / "unet", manifest.dtype)
+            for spec in specs:
+                entries[spec.name].verification = _verify(spec, folder / spec.name, manifest.dtype)
     except BaseException:
-        os.replace(old, data)
+        for name in swapped:
+            os.replace(old[name], data[name])
+        for path in new.values():
+            path.unlink(missing_ok=True)
         raise
-    old.unlink()
-    if _sha256(graph) != entry.graph_sha256:
-        raise ExportError(f"{graph}: the graph file changed while re-weighting; this is a bug. Fix: re-export.")
-    entry.bytes.data = data.stat().st_size
-    manifest = manifest.model_copy(update={**_recipe_fields(recipe, unet), "source": _source_name(source),
-                                           "reweighted": _now()})
+    for name, path in data.items():
+        old[name].unlink()
+        _check_graph(folder, entries[name], "while re-weighting; this is a bug")
+        entries[name].bytes.data = path.stat().st_size
+    manifest = manifest.model_copy(update={**_recipe_fields(recipe, unet, text_encoder, merged),
+                                           "source": _source_name(source), "reweighted": _now()})
     manifest.write(folder)
     return manifest
-

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -112,7 +113,11 @@ class OnnxManifest(_Model):
         versions (dict[str, str]): torch, diffusers, onnx and onnxruntime versions of the export.
         source (str | None): what was exported (a path or registry reference), when it has a name.
         recipe (dict | None), recipe_hash (str | None): the recipe the weights come from, when known.
-        weights_sha256 (str): tensor hash of the UNet's weights (keys the TensorRT engine cache).
+        weights_sha256 (str): tensor hash of the UNet's weights.
+        text_encoder_sha256 (str | None): tensor hash of the exported text encoder's weights; None in exports made
+            before weightlab recorded it (their text encoder is the base pipeline's).
+        text_encoder_merged (bool | None): whether that text encoder carries the recipe's text-encoder residuals
+            (a style LoRA's ``lora_te_*`` half) rather than being the base pipeline's; None as above.
         pipeline (Pipeline): sizes the runtime needs.
         models (dict[str, Graph]): ``unet``, ``text_encoder``, ``vae_decoder``.
     """
@@ -128,6 +133,8 @@ class OnnxManifest(_Model):
     recipe: dict[str, Any] | None = None
     recipe_hash: str | None = None
     weights_sha256: str = Field(pattern=_SHA256)
+    text_encoder_sha256: str | None = Field(None, pattern=_SHA256)
+    text_encoder_merged: bool | None = None
     pipeline: Pipeline
     models: dict[str, Graph]
 
@@ -136,6 +143,14 @@ class OnnxManifest(_Model):
         if "unet" not in self.models:
             raise ValueError("lists no `unet` graph under `models`")
         return self
+
+    @property
+    def engine_key(self) -> str:
+        """What the TensorRT engine cache is keyed on (an engine embeds the weights): the UNet's and the text
+        encoder's weight hashes."""
+        if self.text_encoder_sha256 is None:
+            return self.weights_sha256[:16]
+        return hashlib.sha256(f"{self.weights_sha256} {self.text_encoder_sha256}".encode()).hexdigest()[:16]
 
     @classmethod
     def parse(cls, text: str | bytes, *, where: str) -> OnnxManifest:

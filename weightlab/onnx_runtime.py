@@ -145,7 +145,7 @@ class OnnxVideoPipeline:
                               "sample. Fix: export with `weightlab export onnx`, which writes all three graphs.")
         self.unet, self.text_encoder, self.vae_decoder = (
             BoundModel(create_session(self.dir / models[name].graph, self.provider, device_id=device_id, fp16=fp16,
-                                      cache_dir=self.dir / "trt_cache" / self.manifest.weights_sha256[:16]), self.device)
+                                      cache_dir=self.dir / "trt_cache" / self.manifest.engine_key), self.device)
             for name in ("unet", "text_encoder", "vae_decoder"))
         self.tokenizer = CLIPTokenizer.from_pretrained(self.dir / "tokenizer")
         self.scheduler = LCMScheduler.from_config(json.loads((self.dir / "scheduler" / "scheduler_config.json").read_text()))

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from weightlab.errors import RecipeError
 from weightlab.files import COMPUTE_DTYPES
+from weightlab.formats.components import NAMES as COMPONENT_NAMES
 from weightlab.kinds import KIND_ORDER, TermKind
 from weightlab.methods import get_method
 
@@ -35,14 +36,14 @@ DType = Literal[*COMPUTE_DTYPES]
 
 class Term(BaseModel):
     """One residual with its scale (α, β, γ or a motion-LoRA strength). ``components``: the pipeline components it
-    changes (``unet``, ``text_encoder``); None: every one the residual carries (a component it does not carry is a
-    `RecipeError` at merge)."""
+    changes (``unet``, ``text_encoder``, ``text_encoder_2``, ``vae``: `weightlab.formats.components`); None: every one
+    the residual carries (a component it does not carry is a `RecipeError` at merge)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     source: str
     kind: TermKind
     scale: float = 1.0
-    components: tuple[Literal["unet", "text_encoder"], ...] | None = None
+    components: tuple[Literal[*COMPONENT_NAMES], ...] | None = None
 
     @field_validator("scale")
     @classmethod
@@ -55,7 +56,7 @@ class Term(BaseModel):
     @classmethod
     def _some(cls, v):
         if v is not None and (not v or len(set(v)) != len(v)):
-            raise ValueError("components lists unet and/or text_encoder, each once (omit it for all)")
+            raise ValueError(f"components lists some of {', '.join(COMPONENT_NAMES)}, each once (omit it for all)")
         return v
 
 

@@ -1,10 +1,11 @@
 """Typed residuals: the terms of Eq. 2. Keys are always normalised to ``UNetMotionModel`` parameter names.
 
 ``Base``  – complete UNet weights (``w0``; may include motion modules when it is a merged video UNet).
-``Dense`` – a full fine-tune; its residual is ``W − w0`` against the base it is merged into.
+``Dense`` – a full fine-tune; its residual is ``W − w0`` against the base it is merged into, per component.
 ``LoRA``  – adapter factors per target module: delta = (alpha / rank) · up @ down, or another registered algebra
             (LoHa, LoKr, full diff: `weightlab.formats.algebra`), or DoRA.
 ``MotionModule`` – new parameters (AnimateDiff temporal blocks); their "w0" is zero.
+A LoRA or Dense may also change the pipeline's other components (``others``; `weightlab.formats.components`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 
 from weightlab.errors import NonFiniteError, WeightlabError, fmt_keys
 from weightlab.families import is_motion_key
-from weightlab.files import release_pages
+from weightlab.files import release_pages, sniff
 from weightlab.formats import algebra as algebras
+from weightlab.formats.components import COMPONENTS
 
 META_PREFIX = "weightlab."
 
@@ -227,6 +229,20 @@ class Residual(ABC):
     def target_keys(self) -> set[str]:
         """UNetMotionModel parameter names this residual writes."""
 
+    @property
+    def components(self) -> list[str]:
+        """The pipeline components it changes (`weightlab.formats.components`): ``unet`` unless it says more."""
+        return ["unet"]
+
+    def component(self, name: str) -> Residual:
+        """This residual reduced to component ``name``, keyed in that component's names (the merge engine's input
+        for it); a residual with only a UNet part is its own ``unet`` component."""
+        return self
+
+    def select(self, names) -> Residual:
+        """This residual with only the components in ``names``."""
+        return self
+
     def non_finite(self) -> list[str]:
         """The tensors holding a NaN or Inf (the pages read are released again)."""
         bad = []
@@ -283,39 +299,69 @@ class Base(Weights):
     def has_motion(self) -> bool:
         return any(is_motion_key(k) for k in self.weights)
 
+    @property
+    def components(self) -> list[str]:
+        """The pipeline components it comes with: its pipeline folder's, else those its single file carries."""
+        from weightlab.formats import single_file
 
-@dataclass
-class Dense(Weights):
-    """A full fine-tune (weights ``W``); merged as ``a · (W − w0)``."""
-
-    kind: str = "style"
-    representation: ClassVar[str] = "full"
+        if self.pipeline_dir is not None:
+            return [c for c in COMPONENTS if (self.pipeline_dir / c / "config.json").is_file()]
+        header = sniff(self.source) if self.source is not None and Path(self.source).is_file() else None
+        return ["unet", *single_file.components(header.tensors if header else ())]
 
 
-@dataclass
-class LoRA(Residual):
-    """Adapter residual: UNet module path -> :class:`LoRATarget` or :class:`FactorTarget` (``targets``), and the same
-    for the text encoder's ``CLIPTextModel`` modules (``text_encoder``); ``alpha_source`` says where the alphas came
-    from. ``target_keys`` are the UNet's."""
+class _Parts:
+    """Components besides the UNet, for a residual whose UNet part is the field ``_unet`` names and whose other
+    components' parts (the same kind of mapping, in each component's own names) are ``others[name]``."""
 
-    targets: dict[str, AdapterTarget] = field(default_factory=dict)
-    text_encoder: dict[str, AdapterTarget] = field(default_factory=dict)
-    alpha_source: str = ""
-    kind: str = "style"
-    representation: ClassVar[str] = "lora"
-
-    def tensors(self):
-        te = {k: v for path, t in self.text_encoder.items() for k, v in t.tensors(f"text_encoder.{path}").items()}
-        return {**{k: v for path, t in self.targets.items() for k, v in t.tensors(path).items()}, **te}
+    _unet: ClassVar[str]
+    others: dict[str, dict]
 
     @property
     def components(self) -> list[str]:
-        """The pipeline components it changes: ``unet``, ``text_encoder``."""
-        return [c for c, t in (("unet", self.targets), ("text_encoder", self.text_encoder)) if t]
+        parts = {"unet": getattr(self, self._unet), **self.others}
+        return [c for c in COMPONENTS if parts.get(c)]
 
-    def component(self, name: str) -> "LoRA":
-        """This residual with only component ``name``'s targets, as a UNet-keyed LoRA (the merge engine's input)."""
-        return replace(self, targets=self.targets if name == "unet" else self.text_encoder, text_encoder={})
+    def component(self, name: str):
+        return replace(self, **{self._unet: getattr(self, self._unet) if name == "unet" else self.others.get(name, {})},
+                       others={})
+
+    def select(self, names):
+        return replace(self, **{self._unet: getattr(self, self._unet) if "unet" in names else {}},
+                       others={c: p for c, p in self.others.items() if c in names})
+
+
+@dataclass
+class Dense(_Parts, Weights):
+    """A full fine-tune (weights ``W``); merged as ``a · (W − w0)``, per component: ``weights`` is the UNet's,
+    ``others`` the other components' (a single-file checkpoint's CLIP and baked VAE), each in diffusers names
+    without the component's ``strip`` prefix (`weightlab.formats.components`)."""
+
+    others: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    kind: str = "style"
+    representation: ClassVar[str] = "full"
+    _unet: ClassVar[str] = "weights"
+
+    def tensors(self):
+        return {**self.weights, **{f"{c}.{k}": v for c, part in self.others.items() for k, v in part.items()}}
+
+
+@dataclass
+class LoRA(_Parts, Residual):
+    """Adapter residual: UNet module path -> :class:`LoRATarget` or :class:`FactorTarget` (``targets``), and the same
+    for the other components' modules (``others``: ``text_encoder``, ``text_encoder_2``; CLIP module paths without
+    ``text_model.``); ``alpha_source`` says where the alphas came from. ``target_keys`` are the UNet's."""
+
+    targets: dict[str, AdapterTarget] = field(default_factory=dict)
+    others: dict[str, dict[str, AdapterTarget]] = field(default_factory=dict)
+    alpha_source: str = ""
+    kind: str = "style"
+    representation: ClassVar[str] = "lora"
+    _unet: ClassVar[str] = "targets"
+
+    def tensors(self):
+        parts = {"": self.targets, **{f"{c}.": part for c, part in self.others.items()}}  # key prefix -> targets
+        return {k: v for prefix, part in parts.items() for path, t in part.items() for k, v in t.tensors(prefix + path).items()}
 
     @property
     def target_keys(self):
@@ -336,7 +382,7 @@ class LoRA(Residual):
 
     @property
     def _all(self) -> list[AdapterTarget]:
-        return [*self.targets.values(), *self.text_encoder.values()]
+        return [*self.targets.values(), *(t for part in self.others.values() for t in part.values())]
 
 
 @dataclass

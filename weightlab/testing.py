@@ -219,17 +219,53 @@ def lora_to_peft(factors, *, prefix: str = "unet.", scale: float = 1.0) -> dict:
     return sd
 
 
-def lora_to_kohya(factors, alpha: float) -> dict:
-    """kohya/A1111 keys: ``lora_unet_<path_with_underscores>.lora_down.weight``/``.lora_up.weight``/``.alpha``."""
+def lora_to_kohya(factors, alpha: float, *, prefix: str = "lora_unet_") -> dict:
+    """kohya/A1111 keys: ``lora_unet_<path_with_underscores>.lora_down.weight``/``.lora_up.weight``/``.alpha``
+    (a text encoder's, from transformers 5 module paths: ``prefix="lora_te_text_model_"``)."""
     import torch
 
     sd = {}
     for path, (down, up) in factors.items():
-        k = "lora_unet_" + path.replace(".", "_")
+        k = prefix + path.replace(".", "_")
         sd[f"{k}.lora_down.weight"] = down.contiguous()
         sd[f"{k}.lora_up.weight"] = up.contiguous()
         sd[f"{k}.alpha"] = torch.tensor(float(alpha))
     return sd
+
+
+def with_peft_lora(model, targets, seed: int, **options):
+    """A copy of ``model`` with PEFT LoRA layers on ``targets`` (``inject_adapter_in_model``, what diffusers'
+    ``add_adapter`` does; ``options``: ``LoraConfig``'s, e.g. ``r``, ``lora_alpha``, ``alpha_pattern``) with random A
+    and B (so every delta is live), and its ``LoraConfig``."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(target_modules=list(targets), init_lora_weights=False, **options)
+    torch.manual_seed(seed)
+    return inject_adapter_in_model(config, copy.deepcopy(model)), config
+
+
+# kohya's prefix per pipeline component (SDXL files name the first text encoder ``lora_te1_``).
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+
+
+def diffusers_lora_to_kohya(state_dict: dict, alpha, *, prefixes: dict[str, str] = KOHYA_PREFIXES) -> dict:
+    """A ``save_lora_weights`` file's tensors (``<component>.<module>.lora_A/B.weight``) under kohya's names
+    (``lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight``), with ``.alpha`` keys from
+    ``alpha(component, module)``."""
+    import torch
+
+    out = {}
+    for key, v in state_dict.items():
+        component, rest = key.split(".", 1)
+        module, role = rest.rsplit(".lora_", 1)
+        name = module if component == "unet" else "text_model." + module.removeprefix("text_model.")
+        name = prefixes[component] + name.replace(".", "_")
+        out[f"{name}.lora_{'down' if role.startswith('A') else 'up'}.weight"] = v
+        out[f"{name}.alpha"] = torch.tensor(float(alpha(component, module)))
+    return out
 
 
 def max_rel_error(ref: dict, ours: dict) -> float:

@@ -176,24 +176,26 @@ def load_unet(source, *, pipeline_dir: str | Path | None = None, dtype: "str | t
     return VideoUNet(unet, folder, recipe)
 
 
-def merged_text_encoder(source, *, dtype: "torch.dtype", device: str, resolve: "Resolver | None" = None,
-                        tokenizer: str | Path | None = None):
-    """The text encoder with the recipe's text-encoder residuals in it, in ``dtype`` on ``device``: a merged folder's
-    ``text_encoder/`` (:func:`weightlab.merge_to_folder`), or a recipe's composed in memory
-    (:func:`weightlab.merge.build_text_encoder`); None when no term changes the text encoder."""
+def merged_component(source, name: str, *, dtype: "torch.dtype", device: str, resolve: "Resolver | None" = None,
+                     tokenizer: str | Path | None = None):
+    """The pipeline component ``name`` (``text_encoder``, ``vae``, ...) with the recipe's residuals of it composed in,
+    in ``dtype`` on ``device``: a merged folder's ``<name>/`` (:func:`weightlab.merge_to_folder`), or a recipe's
+    composed in memory (:func:`weightlab.merge.build_component`); None when no term changes it."""
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        folder = Path(source) / "text_encoder"
+        folder = Path(source) / name
         if not folder.is_dir():
             return None
-        from transformers import CLIPTextModel
+        from weightlab.formats.components import COMPONENTS
 
-        return CLIPTextModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+        model = COMPONENTS[name].model_type().from_pretrained(folder, torch_dtype=dtype)
+        return model.to(device).eval().requires_grad_(False)
     recipe = _recipe_of(source)
     if recipe is None:
         return None
-    from weightlab.merge import build_text_encoder, resolve_path
+    from weightlab.merge import build_component, resolve_path
 
-    return build_text_encoder(recipe, dtype=dtype, device=device, resolve=resolve or resolve_path, tokenizer=tokenizer)
+    return build_component(recipe, name, dtype=dtype, device=device, resolve=resolve or resolve_path,
+                           tokenizer=tokenizer)
 
 
 def vae_dtype(vae_dir: str | Path, dtype: "torch.dtype") -> "torch.dtype":
@@ -204,9 +206,9 @@ def vae_dtype(vae_dir: str | Path, dtype: "torch.dtype") -> "torch.dtype":
     return torch.float32 if config.get("force_upcast", False) else dtype
 
 
-def build_pipeline(unet, pipeline_dir: str | Path, *, device: str | None = None, text_encoder=None):
+def build_pipeline(unet, pipeline_dir: str | Path, *, device: str | None = None, text_encoder=None, vae=None):
     """An ``AnimateDiffPipeline``: merged ``unet`` + ``text_encoder`` (default: the folder's, in the UNet's dtype) +
-    the folder's tokenizer, its VAE (see :func:`vae_dtype`) + :func:`animatelcm_scheduler`."""
+    the folder's tokenizer, ``vae`` (default: the folder's, see :func:`vae_dtype`) + :func:`animatelcm_scheduler`."""
     from diffusers import AnimateDiffPipeline, AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -215,7 +217,7 @@ def build_pipeline(unet, pipeline_dir: str | Path, *, device: str | None = None,
     device = device or str(unet.device)
     scheduler = animatelcm_scheduler(_scheduler_config(folder))
     pipe = AnimateDiffPipeline(
-        vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype(folder / "vae", dtype)),
+        vae=vae or AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dtype(folder / "vae", dtype)),
         text_encoder=text_encoder or CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dtype),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         unet=unet, motion_adapter=None, scheduler=scheduler)
@@ -239,13 +241,14 @@ class VideoPipeline:
     def from_source(cls, source, *, pipeline_dir: str | Path | None = None, dtype: "str | torch.dtype | None" = None,
                     device: str | None = None, resolve: "Resolver | None" = None,
                     tokenizer: str | Path | None = None) -> "VideoPipeline":
-        """Assemble from a recipe, recipe file or merged folder (see :func:`load_unet`); the recipe's text-encoder
-        residuals are composed into the text encoder (:func:`merged_text_encoder`)."""
+        """Assemble from a recipe, recipe file or merged folder (see :func:`load_unet`); the recipe's text-encoder and
+        VAE residuals are composed into the base's (:func:`merged_component`)."""
         unet, folder, _ = load_unet(source, pipeline_dir=pipeline_dir, dtype=dtype, device=device, resolve=resolve,
                                     tokenizer=tokenizer)
-        text_encoder = merged_text_encoder(source, dtype=unet.dtype, device=str(unet.device), resolve=resolve,
-                                           tokenizer=tokenizer)
-        return cls(build_pipeline(unet, folder, device=device, text_encoder=text_encoder))
+        merged = {name: merged_component(source, name, dtype=d, device=str(unet.device), resolve=resolve,
+                                         tokenizer=tokenizer)
+                  for name, d in (("text_encoder", unet.dtype), ("vae", vae_dtype(folder / "vae", unet.dtype)))}
+        return cls(build_pipeline(unet, folder, device=device, **merged))
 
     @property
     def device(self):
@@ -321,6 +324,16 @@ def write_video(frames: "np.ndarray", path: str | Path, *, fps: int = DEFAULT_FP
     else:
         raise WeightlabError(f"{path}: unknown video format {path.suffix!r}. Fix: end the path in .mp4 or .gif.")
     return path
+
+
+def frame_strip(frames: "np.ndarray", *, every: int = 1, scale: int = 1):
+    """Frames ``(F, H, W, 3)`` uint8 side by side (every ``every``-th), each pixel a ``scale``×``scale`` block: a
+    ``PIL.Image``."""
+    import numpy as np
+    from PIL import Image
+
+    strip = np.concatenate(list(frames[::every]), axis=1)
+    return Image.fromarray(strip.repeat(scale, axis=0).repeat(scale, axis=1))
 
 
 def generate(source, prompt: str, out: str | Path, *, onnx_dir: str | Path | None = None, provider: str = "auto",

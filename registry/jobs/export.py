@@ -74,8 +74,9 @@ def _model(registry, params: ExportParams, tmp: Path) -> tuple[Path, Recipe, Der
 
     if params.recipe is not None:
         folder = tmp / "merged"
-        merge_to_folder(params.recipe, folder, progress=False, resolve=partial(version_path, registry))
-        merged = Derivation.from_merged_file(folder)  # pins each input to the version that was merged
+        resolve = partial(version_path, registry)
+        merge_to_folder(params.recipe, folder, progress=False, resolve=resolve)
+        merged = Derivation.from_merged_file(folder, resolve=resolve)  # pins each input to the version that was merged
         return folder, params.recipe, merged.model_copy(update={"relation": "exported_from"}), None
     info = registry.get(params.source)
     folder = registry.path(info.ref)

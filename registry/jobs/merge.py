@@ -47,7 +47,7 @@ def run_merge(registry, params: MergeParams, job_id: int) -> VersionInfo:
             out = out.with_name(out.name + ".safetensors")
             merge_to_file(params.recipe, out, progress=False, resolve=resolve)
         return registry.register_output(out, name=params.output, kind="base", tags=params.tags,
-                                        derivation=Derivation.from_merged_file(out), source=f"job:{job_id}",
+                                        derivation=Derivation.from_merged_file(out, resolve=resolve), source=f"job:{job_id}",
                                         metadata={**params.metadata, "recipe_hash": params.recipe.hash, "job": job_id})
 
 

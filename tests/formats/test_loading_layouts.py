@@ -239,10 +239,10 @@ def test_sdxl_lora_is_refused_naming_keys(tiny, tmp_path):
 def test_unmatched_lora_keys_are_named_or_reported(tiny, tmp_path):
     sd = load_file(tiny.style_lora_kohya)
     bad = _kohya("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_z", 4, 16, 16)
-    # Text-encoder keys that name no composed module: SDXL's second encoder, a lone factor (tests/merge/
-    # test_merge_text_encoder.py: complete ones are text-encoder targets).
-    te = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(4, 32),
-          "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(32, 4),
+    # Text-encoder keys that name no composed module: an embedding of SDXL's second encoder, a lone factor (tests/
+    # merge/test_merge_text_encoder.py, test_merge_sdxl_text_encoders.py: complete ones are text-encoder targets).
+    te = {"lora_te2_text_model_embeddings_token_embedding.lora_down.weight": torch.ones(4, 32),
+          "lora_te2_text_model_embeddings_token_embedding.lora_up.weight": torch.ones(32, 4),
           "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_A.weight": torch.ones(4, 32)}
     for extra in (bad, te):
         save_file({**sd, **extra}, tmp_path / "lora.safetensors")

@@ -8,8 +8,6 @@ Tolerance 1e-6 relative to each weight's largest magnitude (fp32): diffusers add
 weight (two roundings), we accumulate in fp32 and round once; the two differ by a few fp32 ULPs (~1e-7).
 """
 
-import copy
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,23 +16,13 @@ import weightlab
 from weightlab import Recipe, Term
 from weightlab.errors import MissingComponentError, RecipeError, UnmatchedKeysError
 from weightlab.merge import build_text_encoder, merge_to_folder
-from weightlab.testing import max_rel_error
+from weightlab.testing import diffusers_lora_to_kohya, max_rel_error, with_peft_lora
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 FC2 = "encoder.layers.1.mlp.fc2"  # transformers 5's CLIPTextModel name (4: text_model.encoder...)
 TE_OPTIONS = dict(r=4, lora_alpha=8, alpha_pattern={FC2: 2})
 SCALE = 0.7
-
-
-def _with_lora(model, targets, options, seed):
-    """A copy of ``model`` with PEFT LoRA layers (``inject_adapter_in_model``, what ``add_adapter`` does) and their
-    config."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(target_modules=targets, init_lora_weights=False, **options)
-    torch.manual_seed(seed)  # init_lora_weights=False: random A and B, so every delta is live
-    return inject_adapter_in_model(config, copy.deepcopy(model)), config
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +32,8 @@ def style(tiny, tmp_path_factory):
     from peft.utils import get_peft_model_state_dict
 
     base = StableDiffusionPipeline.from_pretrained(tiny.base_dir)
-    unet, unet_config = _with_lora(base.unet, UNET_TARGETS, dict(r=4, lora_alpha=6), seed=1)
-    te, te_config = _with_lora(base.text_encoder, TE_TARGETS, TE_OPTIONS, seed=2)
+    unet, unet_config = with_peft_lora(base.unet, UNET_TARGETS, seed=1, r=4, lora_alpha=6)
+    te, te_config = with_peft_lora(base.text_encoder, TE_TARGETS, seed=2, **TE_OPTIONS)
     folder = tmp_path_factory.mktemp("te_style")
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=get_peft_model_state_dict(unet),
@@ -69,16 +57,10 @@ def fused(tiny, style):
 def _kohya(style, tmp_path):
     """The same factors under kohya's names (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``), with the
     alphas the metadata gives as ``.alpha`` keys."""
-    out = {}
-    for key, v in load_file(style).items():
-        component, rest = key.split(".", 1)
-        module, role = rest.rsplit(".lora_", 1)
-        te = component == "text_encoder"
-        name = ("lora_te_text_model_" if te else "lora_unet_") + module.removeprefix("text_model.").replace(".", "_")
-        out[f"{name}.lora_{'down' if role.startswith('A') else 'up'}.weight"] = v
-        alpha = (2.0 if module.endswith(FC2) else 8.0) if te else 6.0
-        out[f"{name}.alpha"] = torch.tensor(alpha)
-    save_file(out, tmp_path / "kohya.safetensors")
+    def alpha(component, module):
+        return 6.0 if component == "unet" else 2.0 if module.endswith(FC2) else 8.0
+
+    save_file(diffusers_lora_to_kohya(load_file(style), alpha), tmp_path / "kohya.safetensors")
     return tmp_path / "kohya.safetensors"
 
 
@@ -106,14 +88,14 @@ def test_merged_text_encoder_matches_fuse_lora(tiny, style, fused, tmp_path, lay
 
 
 def test_video_pipeline_uses_the_merged_text_encoder(tiny, style, tmp_path):
-    from weightlab.video import merged_text_encoder
+    from weightlab.video import merged_component
 
     merge_to_folder(_recipe(tiny, style), tmp_path / "merged", progress=False)
     ours = load_file(tmp_path / "merged" / "text_encoder" / "model.safetensors")
     for source in (tmp_path / "merged", _recipe(tiny, style)):
-        model = merged_text_encoder(source, dtype=torch.float32, device="cpu")
+        model = merged_component(source, "text_encoder", dtype=torch.float32, device="cpu")
         assert all(torch.equal(model.state_dict()[k], v) for k, v in ours.items())
-    assert merged_text_encoder(Recipe(base=str(tiny.base_dir)), dtype=torch.float32, device="cpu") is None
+    assert merged_component(Recipe(base=str(tiny.base_dir)), "text_encoder", dtype=torch.float32, device="cpu") is None
 
 
 def test_components_select_what_a_term_touches(tiny, style, tmp_path):
@@ -130,7 +112,7 @@ def test_components_select_what_a_term_touches(tiny, style, tmp_path):
     assert all(torch.equal(unet[k], v) for k, v in base_unet.items())
     te = load_file(tmp_path / "te_only" / "text_encoder" / "model.safetensors")
     changed = {k for k in te if not torch.equal(te[k], base_te[k])}
-    assert changed == {f"{p}.weight" for p in weightlab.load(style).text_encoder}
+    assert changed == {f"{p}.weight" for p in weightlab.load(style).others["text_encoder"]}
     # A component the residual does not carry is refused, and nothing is written.
     with pytest.raises(RecipeError, match="text_encoder.*Fix"):
         merge_to_folder(_recipe(tiny, tiny.base_dir / "unet", components=["text_encoder"]), tmp_path / "bad",
@@ -151,7 +133,7 @@ def test_unknown_text_encoder_keys_stay_unmatched(tiny, style, tmp_path):
         weightlab.load(tmp_path / "extra.safetensors")
     assert e.value.keys == sorted(extra)
     lenient = weightlab.load(tmp_path / "extra.safetensors", strict=False)
-    assert lenient.skipped == sorted(extra) and lenient.text_encoder.keys() == weightlab.load(style).text_encoder.keys()
+    assert lenient.skipped == sorted(extra) and lenient.others["text_encoder"].keys() == weightlab.load(style).others["text_encoder"].keys()
 
 
 def test_inspect_lists_components(tiny, style, tmp_path):
@@ -163,4 +145,4 @@ def test_inspect_lists_components(tiny, style, tmp_path):
     lora = weightlab.load(style)
     again = weightlab.load(lora.save(tmp_path / "again.safetensors"))
     assert again.components == ["unet", "text_encoder"]
-    assert all(torch.equal(again.text_encoder[p].delta(), t.delta()) for p, t in lora.text_encoder.items())
+    assert all(torch.equal(again.others["text_encoder"][p].delta(), t.delta()) for p, t in lora.others["text_encoder"].items())

@@ -72,8 +72,8 @@ def test_lineage_tree(cli, tiny, home):
 
 
 def test_db_upgrade_verify_gc(cli, tiny, home):
-    assert "schema empty -> 0003" in cli("db", "upgrade")
-    assert "already at 0003" in cli("db", "upgrade")
+    assert "schema empty -> 0004" in cli("db", "upgrade")
+    assert "already at 0004" in cli("db", "upgrade")
     cli("add", tiny.style_lora_kohya, "--name", "me/style")
     assert "checked 1 blob(s): 0 problem(s)" in cli("registry", "verify")
     with Registry() as reg:

@@ -83,4 +83,4 @@ def test_migrations_folder_is_found_through_the_package():
     import weightlab.registry.migrations as migrations
 
     assert alembic.command.__file__ != migrations.__file__
-    assert db.head_revision() == "0003"
+    assert db.head_revision() == "0004"

@@ -101,6 +101,18 @@ def test_lineage_and_register_output(registry, tiny, tmp_path):
     assert [e.node.label for e in tree.inputs[0].node.inputs] == ["me/style@1", "data.tar"]
 
 
+def test_lineage_records_the_components_each_term_changed(registry, tiny, style_lora_te, tmp_path):
+    from weightlab.merge import merge_to_folder
+
+    recipe = Recipe(base=str(tiny.base_dir), terms=(Term(source=str(style_lora_te), kind="style", scale=0.8),
+                                                    Term(source=str(tiny.accel_lora), kind="image_accel", scale=1.0)))
+    merge_to_folder(recipe, tmp_path / "out", progress=False)  # writes text_encoder/ too: the style has a lora_te half
+    registry.register_output(tmp_path / "out", name="me/merged", kind="base",
+                             derivation=Derivation.from_merged_file(tmp_path / "out"))
+    assert [(e.role, e.components) for e in registry.lineage("me/merged").inputs] == \
+        [("base", None), ("style", ["unet", "text_encoder"]), ("image_accel", ["unet"])]
+
+
 def test_jobs(registry, tiny):
     registry.add(tiny.base_ldm, name="me/base")
     registry.add(tiny.style_lora_kohya, name="me/style")

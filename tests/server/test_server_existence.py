@@ -118,8 +118,8 @@ def test_lineage_by_tensor_hash_links_and_reveals_only_readable_versions(live, t
 
     held, control = record(x, secret.tensor_hash), record(y, unheld)
     assert _lineage_inputs(held) == _lineage_inputs(control) == [
-        {"role": "term", "scale": None, "node": {"label": "outside", "version": None, "relation": None,
-                                                 "recipe": None, "inputs": [], "truncated": False}}]
+        {"role": "term", "scale": None, "components": None,
+         "node": {"label": "outside", "version": None, "relation": None, "recipe": None, "inputs": [], "truncated": False}}]
     # An upload with lineage in the same request: the same rule.
     z = writer.add(tiny.style_dense, name="a/z", kind="base", lineage=Derivation(
         relation="merged_from", inputs=[LineageInput(tensor_hash=secret.tensor_hash, label="outside")]))

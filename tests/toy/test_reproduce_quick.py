@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from weightlab.toy.family import toy_family
+
 
 @pytest.mark.slow
 def test_quick_reproduction(tmp_path):
@@ -17,7 +19,8 @@ def test_quick_reproduction(tmp_path):
     student margin is thin (~8%) — if it flips on another machine, enlarge the quick teacher, do not loosen the
     assertion. The timeout only guards against a hang: under a loaded 2-core CI the run takes up to ~9 min."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-P", "-m", "weightlab.toy.reproduce", "--quick", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-P", "-m", "weightlab.toy.reproduce", "--quick", "--out", str(tmp_path),
+                           "--ship", str(tmp_path / "family")],
                           env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -29,3 +32,5 @@ def test_quick_reproduction(tmp_path):
     for name in ("fd_vs_steps.png", "frames_grid.png", "results.md"):
         assert (tmp_path / name).stat().st_size > 0
     assert "## Table 1" in (tmp_path / "results.md").read_text()
+    shipped = toy_family(tmp_path / "family")  # --ship: the trained pieces, complete, with what the run measured
+    assert shipped.info()["claims"] == results["claims"] and shipped.info()["seed"] == 0

@@ -58,9 +58,10 @@ def reweight_cmd(
     onnx: Path = typer.Option(..., "--onnx", help="A `weightlab export onnx` folder."),
     recipe: str = typer.Option(..., "--recipe", help="The recipe with the new scales (same base and residuals)."),
     device: Optional[str] = typer.Option(None, "--device", help="Where to merge and verify."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the re-weighted UNet with PyTorch."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the re-weighted graphs with PyTorch."),
 ) -> None:
-    """Re-merge new α/β/γ and rewrite only unet/model.onnx.data; the graph file stays byte-identical."""
+    """Re-merge new α/β/γ and rewrite only unet/model.onnx.data (and text_encoder/'s when the recipe's text encoder
+    changed); the graph files stay byte-identical."""
     from weightlab.onnx_export import reweight_onnx
     from weightlab.registry.resolve import LocalResolver
 

@@ -59,7 +59,7 @@ def merge_cmd(
         fn = merge_to_file if out.suffix == ".safetensors" else merge_to_folder
         summary = fn(r, out, resolve=resolve)
         if register:
-            version = register_output(r, out, register)
+            version = register_output(r, out, register, resolve)
     console.print(f"merged {summary['tensors']} tensors ({summary['bytes'] / 1e6:.1f} MB, {r.dtype}) in {summary['seconds']:.2f} s")
     console.print(f"output: {summary['path']}")
     console.print(f"output hash: {summary['output_hash']}")
@@ -68,14 +68,15 @@ def merge_cmd(
         console.print(f"registered: {version.ref}")
 
 
-def register_output(recipe, out: Path, name: str):
-    """Add a merge output to the registry with a ``merged_from`` edge naming the base and every term with its scale."""
+def register_output(recipe, out: Path, name: str, resolve):
+    """Add a merge output to the registry with a ``merged_from`` edge naming the base and every term with its scale
+    and the components it changed (``resolve`` reads the terms' files)."""
     from weightlab.registry.service import Registry
     from weightlab.registry.schemas import Derivation
 
     with Registry() as reg:
-        return reg.register_output(out, name=name, kind="base", derivation=Derivation.from_merged_file(out),
-                                   metadata={"recipe_hash": recipe.hash})
+        return reg.register_output(out, name=name, kind="base", metadata={"recipe_hash": recipe.hash},
+                                   derivation=Derivation.from_merged_file(out, resolve=resolve))
 
 
 def register(app: typer.Typer) -> None:

@@ -26,7 +26,7 @@ from weightlab.errors import AdapterOptionError, FileFormatError
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 CONFIG_FILE = "adapter_config.json"  # peft.utils.CONFIG_NAME
 PEFT_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # peft.utils.SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-# The prefixes save_lora_weights gives each component's options; weightlab merges the UNet's and the text encoder's.
+# The prefixes save_lora_weights gives each component's options; weightlab merges the UNet's and the text encoders'.
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
 
 # LoraConfig fields that cannot change a merged weight: bookkeeping, training-only settings, and the choice of

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from weightlab.errors import UnmatchedKeysError, fmt_keys
 from weightlab.families import Family, infer_unet_config, unet_shapes_for
+from weightlab.formats.components import COMPONENTS
 
-LDM_UNET_PREFIX = "model.diffusion_model."
+LDM_UNET_PREFIX = COMPONENTS["unet"].ldm_prefixes[0]
 # Other components a single-file checkpoint may carry; they are not part of the UNet and are left out on purpose.
 LDM_OTHER_PREFIXES = ("first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.", "alphas_cumprod",
                       "betas", "log_one_minus_alphas_cumprod", "posterior_", "sqrt_", "model.diffusion_model_ema.",

@@ -7,9 +7,9 @@ attention-processor keys (``processor.to_q_lora.down``), kohya/A1111 (``lora_une
 (``hada_*``), LoKr (``lokr_*``) and full (``diff``/``diff_b``) in kohya/LyCORIS keys, and motion LoRAs in
 AnimateDiff's original naming. OFT/BOFT, GLoRA, IA³ and the other algebras in `algebra.REFUSED` are refused by name.
 Text-encoder keys (diffusers/PEFT ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``, kohya
-``lora_te_text_model_encoder_layers_0_self_attn_q_proj``, SDXL's first encoder ``lora_te1_``) are parsed the same way
-into targets of the CLIP text model (``component="text_encoder"``); SDXL's second encoder (``text_encoder_2.``,
-``lora_te2_``) is not composed: its keys are unmatched. Alphas: ``.alpha`` keys in any layout, else PEFT's options
+``lora_te_text_model_encoder_layers_0_self_attn_q_proj``, SDXL's first encoder ``lora_te1_``, its second
+``text_encoder_2.``/``lora_te2_``: `weightlab.formats.components`) are parsed the same way into targets of that CLIP
+text model (``component="text_encoder"``, ``"text_encoder_2"``). Alphas: ``.alpha`` keys in any layout, else PEFT's options
 (`weightlab.formats.adapter_config`), else alpha = rank (docs/formats.md). DoRA magnitudes (PEFT
 ``lora_magnitude_vector``, kohya/LyCORIS ``dora_scale``) become `AdapterTarget.magnitude`.
 """
@@ -23,6 +23,7 @@ from weightlab.errors import AdapterOptionError, FileFormatError, fmt_keys
 from weightlab.families import Family
 from weightlab.formats import algebra
 from weightlab.formats.adapter_config import AdapterConfig
+from weightlab.formats.components import COMPONENTS, of_adapter_key
 from weightlab.formats.ldm import ldm_module_names
 from weightlab.formats.motion import is_original_layout, rename_path
 from weightlab.residuals import AdapterTarget, FactorTarget, LoRATarget
@@ -36,10 +37,8 @@ _ROLE_SUFFIXES = tuple(sorted({**_COMMON_ROLES, **{s: r for a in algebra.ALGEBRA
 _DISTINCT = tuple(s for a in algebra.ALGEBRAS.values() if a.name != "lora" for s in a.suffixes) + tuple(algebra.REFUSED)
 _KOHYA_PREFIXES = ("lora_unet_", "lycoris_")  # kohya/A1111; LyCORIS's own wrapper
 _STRIP_PREFIXES = ("base_model.model.", "unet.", "model.")
-TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te.")
 # A CLIP text model's adapter targets (``CLIPTextModel`` names; transformers 4 nests them in ``text_model.``, 5 does
-# not), dotted and as kohya flattens them. Targets are named without ``text_model.`` (`TEXT_MODEL_PREFIX`).
-TEXT_MODEL_PREFIX = "text_model."
+# not), dotted and as kohya flattens them. Targets are named without ``text_model.`` (the component's ``strip``).
 _TE_MODULE = re.compile(r"(?:text_model\.)?(encoder\.layers\.\d+\.(?:self_attn\.(?:[qkv]|out)_proj|mlp\.fc[12]))")
 _TE_KOHYA = re.compile(r"(?:text_model_)?encoder_layers_(\d+)_(self_attn|mlp)_(q_proj|k_proj|v_proj|out_proj|fc1|fc2)")
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
@@ -97,14 +96,15 @@ def _peft_name(raw: str) -> str:
     return raw
 
 
-def _te_module_path(raw: str) -> str | None:
-    """Normalise a text-encoder module name to a ``CLIPTextModel`` module path without ``text_model.``
-    (``encoder.layers.0.self_attn.q_proj``), or None (SDXL's second encoder, an unknown module)."""
-    for prefix in ("lora_te_", "lora_te1_"):
+def _te_module_path(raw: str, component: str) -> str | None:
+    """Normalise a module name of text encoder ``component`` to a CLIP text model's module path without
+    ``text_model.`` (``encoder.layers.0.self_attn.q_proj``), or None (an unknown module)."""
+    dotted, *kohya = COMPONENTS[component].adapter_prefixes
+    for prefix in kohya:
         if raw.startswith(prefix) and (m := _TE_KOHYA.fullmatch(raw[len(prefix):])):
             return f"encoder.layers.{m.group(1)}.{m.group(2)}.{m.group(3)}"
-    m = _TE_MODULE.fullmatch(raw.removeprefix("text_encoder.").removeprefix("base_model.model."))
-    return m.group(1) if raw.startswith("text_encoder.") and m else None
+    m = _TE_MODULE.fullmatch(raw.removeprefix(dotted).removeprefix("base_model.model."))
+    return m.group(1) if raw.startswith(dotted) and m else None
 
 
 def _module_path(raw: str, family: Family) -> str | None:
@@ -124,10 +124,10 @@ def _module_path(raw: str, family: Family) -> str | None:
 
 def parse_lora(state_dict: dict, family: Family, *, adapter: AdapterConfig | None = None,
                source: str = "LoRA", component: str = "unet") -> tuple[dict[str, AdapterTarget], list[str]]:
-    """Group the keys of one ``component`` (``unet``, or ``text_encoder``: keys with a `TEXT_ENCODER_PREFIXES`
-    prefix) of an adapter state dict by target module and algebra; the other component's keys are ignored.
-    Returns ``(targets, unmatched_keys)``; text-encoder targets are ``CLIPTextModel`` module paths, checked
-    against the text encoder at merge.
+    """Group the keys of one ``component`` (``unet``, or a text encoder: keys with its prefixes,
+    `weightlab.formats.components`) of an adapter state dict by target module and algebra; the other components'
+    keys are ignored. Returns ``(targets, unmatched_keys)``; text-encoder targets are CLIP text-model module paths,
+    checked against the text encoder at merge.
 
     Each module's factors select one registered algebra (`weightlab.formats.algebra`): LoRA/LoCon (a Tucker
     ``lora_mid`` is folded into down) becomes a :class:`LoRATarget`, LoHa/LoKr/full diff a :class:`FactorTarget`.
@@ -157,7 +157,7 @@ def parse_lora(state_dict: dict, family: Family, *, adapter: AdapterConfig | Non
             "(LyCORIS `create_lycoris_from_weights(...).merge_to()`, PEFT `merge_and_unload()`), save that UNet and "
             "use it as a dense style term.")
     for key, value in state_dict.items():
-        if key.startswith(TEXT_ENCODER_PREFIXES) != (component == "text_encoder"):
+        if of_adapter_key(key) != component:
             continue
         split = _split(key)
         if split is None:
@@ -168,7 +168,7 @@ def parse_lora(state_dict: dict, family: Family, *, adapter: AdapterConfig | Non
     targets: dict[str, AdapterTarget] = {}
     contradictions: list[str] = []
     for raw, p in groups.items():
-        path = _te_module_path(raw) if component == "text_encoder" else _module_path(raw, family)
+        path = _module_path(raw, family) if component == "unet" else _te_module_path(raw, component)
         factors = {r: v for r, v in p.items() if r not in ("alpha", "magnitude", "dora_scale")}
         found = algebra.of(factors)
         if len(found) > 1:
@@ -190,7 +190,7 @@ def parse_lora(state_dict: dict, family: Family, *, adapter: AdapterConfig | Non
         rank = alg.rank(factors)
         if alg.name == "lora":
             down, up = algebra.lora.factored(factors)
-            name = _peft_name(raw.removeprefix("text_encoder.") if component == "text_encoder" else raw)
+            name = _peft_name(raw if component == "unet" else raw.removeprefix(COMPONENTS[component].adapter_prefixes[0]))
             alpha = _kohya_alpha(raw, name, rank, p.get("alpha"), adapter, contradictions)
             targets[path] = LoRATarget(down, up, alpha=alpha, magnitude=magnitude, dora=dora)
             continue

@@ -20,12 +20,15 @@ import shutil
 from pathlib import Path
 
 from weightlab.errors import FileFormatError, MissingComponentError, ShapeMismatchError, UnmatchedKeysError, fmt_keys
+from weightlab.formats.components import COMPONENTS
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-TEXT_ENCODER_PREFIXES = {"cond_stage_model.transformer.": "clip", "cond_stage_model.model.": "open_clip"}
-VAE_PREFIX = "first_stage_model."
-COMPONENT_CONFIGS = {"text_encoder": "text_encoder/config.json", "vae": "vae/config.json"}
-WEIGHT_FILES = {"text_encoder": "text_encoder/model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors"}
+# Which of diffusers' converters reads each text-encoder prefix (SD1.x's CLIP, SD2's OpenCLIP).
+TEXT_ENCODER_PREFIXES = dict(zip(COMPONENTS["text_encoder"].ldm_prefixes, ("clip", "open_clip")))
+VAE_PREFIX = COMPONENTS["vae"].ldm_prefixes[0]
+CONVERTED = ("text_encoder", "vae")  # the components besides the UNet that a single-file checkpoint may carry
+COMPONENT_CONFIGS = {c: f"{c}/config.json" for c in CONVERTED}
+WEIGHT_FILES = {c: f"{c}/{COMPONENTS[c].weights_file}" for c in CONVERTED}
 # The family's tokenizer in the Hugging Face cache, (repo, subfolder), where diffusers' from_single_file looks for it.
 TOKENIZER_REPOS = {
     "sd15": (("openai/clip-vit-large-patch14", ""), ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
@@ -42,8 +45,7 @@ _NOT_PARAMETERS = ("position_ids", "text_projection.weight")
 def components(keys) -> list[str]:
     """The components besides the UNet that a single-file checkpoint's keys carry (``text_encoder``, ``vae``)."""
     keys = list(keys)
-    return ([c for c, prefixes in (("text_encoder", tuple(TEXT_ENCODER_PREFIXES)), ("vae", (VAE_PREFIX,)))
-             if any(k.startswith(prefixes) for k in keys)])
+    return [c for c in CONVERTED if any(k.startswith(COMPONENTS[c].ldm_prefixes) for k in keys)]
 
 
 def config_dir(family: str) -> Path:
@@ -95,10 +97,10 @@ def _text_encoder(checkpoint: dict, model) -> dict:
     return {k: v for k, v in converted.items() if not k.endswith(_NOT_PARAMETERS)}
 
 
-def convert_components(checkpoint: dict, family: str, *, metadata: dict | None = None,
-                       source: str = "checkpoint") -> dict[str, dict]:
-    """``{component: diffusers state dict}`` for the text encoder and VAE a single-file checkpoint carries, each with
-    exactly the parameters (and shapes) of the model its config builds.
+def convert_components(checkpoint: dict, family: str, *, metadata: dict | None = None, source: str = "checkpoint",
+                       names=None) -> dict[str, dict]:
+    """``{component: diffusers state dict}`` for the text encoder and VAE a single-file checkpoint carries (those in
+    ``names`` only, when given), each with exactly the parameters (and shapes) of the model its config builds.
 
     Raises:
         UnmatchedKeysError: a component misses parameters, or has some its config's model lacks.
@@ -109,6 +111,8 @@ def convert_components(checkpoint: dict, family: str, *, metadata: dict | None =
 
     out = {}
     for component in components(checkpoint):
+        if names is not None and component not in names:
+            continue
         config = _config(family, component, metadata or {})
         with torch.device("meta"):
             model = _model(component, config)
@@ -128,7 +132,7 @@ def convert_components(checkpoint: dict, family: str, *, metadata: dict | None =
             message = (f"{source}: its {component} is not the {family} one that {where} describes ({what}). Fix: "
                        "convert the checkpoint with diffusers' from_single_file(config=<its diffusers folder>) and use "
                        f"that folder as the base, or record the component's config in the file's __metadata__ as "
-                       f"weightlab.{component}_config.")
+                       f"weightlab.{component}_config (as a style term, `components: [unet]` leaves it out).")
             if missing or unknown:
                 raise UnmatchedKeysError(message, missing + unknown)
             raise ShapeMismatchError(message)
@@ -183,7 +187,7 @@ def pipeline_folder(source: Path, checkpoint: dict, metadata: dict, family: str,
     """
     from safetensors.torch import save_file
 
-    missing = [c for c in ("text_encoder", "vae") if c not in components(checkpoint)]
+    missing = [c for c in CONVERTED if c not in components(checkpoint)]
     if missing:
         raise MissingComponentError(f"{source}: a single-file checkpoint without its {' and '.join(missing)} cannot "
                                     "make a pipeline. Fix: use a diffusers pipeline folder as the base, or pass "

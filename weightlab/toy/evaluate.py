@@ -191,6 +191,12 @@ class Evaluator:
         """Predicted label per attribute (``direction`` for clips only)."""
         return {a: v.argmax(1).numpy() for a, v in self._run(frames, self.model).items()}
 
+    def describe(self, clip: np.ndarray) -> str:
+        """What the classifier reads in one clip (uint8 ``[F, H, W, 3]``), as a caption: ``"a red circle moving
+        right (outlined)"``."""
+        pred = {a: ATTRIBUTES[a][int(v[0])] for a, v in self.predict(clip[None]).items()}
+        return f"a {pred['colour']} {pred['shape']} moving {pred['direction']} ({pred['style']})"
+
     def fid(self, images_a: np.ndarray, images_b: np.ndarray) -> float:
         """Toy FID: Fréchet distance of appearance features of two image sets (uint8 ``[N, H, W, 3]``)."""
         return frechet_distance_of(self.features(images_a), self.features(images_b))

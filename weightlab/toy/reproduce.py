@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from weightlab.errors import WeightlabError
+from weightlab.toy.family import SHIPPED, ship
 
 log = logging.getLogger("weightlab.toy.reproduce")
 STAGES = ("base", "data", "evaluator", "teacher", "motion_module", "image_lcm", "motion_lcm", "coupled", "style",
@@ -370,6 +371,8 @@ def frame_grid(results: dict, sizes: Sizes, path: Path, *, prompt_ids: tuple[int
     largest step count below it); then the Eq. 2 rows. Pixels are upscaled ×2, labels on the left."""
     from PIL import Image, ImageDraw
 
+    from weightlab.video import frame_strip
+
     at = max(s for s in sizes.steps if s <= 4)
     rows: list[tuple[str, np.ndarray]] = []
     for i in (i for i in prompt_ids if i < len(results["prompts"])):
@@ -386,9 +389,7 @@ def frame_grid(results: dict, sizes: Sizes, path: Path, *, prompt_ids: tuple[int
     grid = Image.new("RGB", (label_w + cols * w * scale, len(rows) * h * scale), "white")
     draw = ImageDraw.Draw(grid)
     for r, (label, clip) in enumerate(rows):
-        strip = Image.fromarray(np.concatenate(list(clip[::2]), axis=1)).resize((cols * w * scale, h * scale),
-                                                                              Image.Resampling.NEAREST)
-        grid.paste(strip, (label_w, r * h * scale))
+        grid.paste(frame_strip(clip, every=2, scale=scale), (label_w, r * h * scale))
         draw.text((4, r * h * scale + h * scale // 2 - 6), label[:55], fill="black")
     grid.save(path)
     return path
@@ -465,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-after", choices=STAGES[:-1], help="Stop after this stage (to time the first stages).")
     parser.add_argument("--plan", action="store_true", help="Time short runs of every stage at the run's sizes and "
                         "project its duration (writes plan.json in --out; use a separate --out).")
+    parser.add_argument("--ship", type=Path, nargs="?", const=SHIPPED, metavar="DIR",
+                        help="After the run, copy the trained family to DIR (default: the package's "
+                        "weightlab/toy/family, which `make demo` uses).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -502,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(_jsonable(results, sizes, timings), indent=1))
     write_markdown(results, sizes, timings, sys.argv[1:] if argv is None else argv, args.out / "results.md")
     print((args.out / "results.md").read_text())
+    if args.ship:
+        command = "python -m weightlab.toy.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
+        measured = {k: v for k, v in _jsonable(results, sizes, timings).items() if k in ("claims", "sizes")}
+        family = ship(args.out, args.ship, info={"command": command, "seed": args.seed, **measured})
+        print(f"shipped the trained toy family to {family.root}")
     return 0
 
 
