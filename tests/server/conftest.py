@@ -63,7 +63,9 @@ class Live:
     def client(self, token: str | None = None, **kwargs):
         from weightlab.registry.client import Client
 
-        return Client(self.url, token=token, progress=False, **kwargs)
+        # A hang guard only: on a loaded 2-core CI an upload the server inspects in ~4 s took over the default 60 s
+        # (fresh-clone CI, 2026-12-01); tests of the timeout itself pass their own.
+        return Client(self.url, token=token, progress=False, **{"timeout": 600.0, **kwargs})
 
     def http(self, token: str | None = None):
         import httpx
