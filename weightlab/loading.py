@@ -316,7 +316,7 @@ def pipeline_dir(base: Base, *, tokenizer: str | Path | None = None) -> Path:
     """The diffusers pipeline folder that gives a base its text encoder, tokenizer, VAE and scheduler: the folder it
     was loaded from, or, for a single-file checkpoint that carries its CLIP and VAE, one built from the file with
     diffusers' converters (`weightlab.formats.single_file.pipeline_folder`, cached; ``tokenizer``: a tokenizer folder,
-    else the family's in the Hugging Face cache).
+    or for SDXL a folder holding ``tokenizer/`` and ``tokenizer_2/``, else the family's in the Hugging Face cache).
 
     Raises:
         MissingComponentError: the base holds only a UNet, or no tokenizer is found (the message says how to get one).

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from weightlab.errors import RecipeError, WeightlabError
+from weightlab.errors import RecipeError, SamplingError, WeightlabError
 from weightlab.sampling import (DECODE_CHUNK, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Clip,
                                 check_request, postprocess, sync)
 from weightlab.schedules import NoiseSchedule, check_distilled, make_scheduler, sampling_schedule
@@ -167,6 +167,10 @@ def load_unet(source, *, pipeline_dir: str | Path | None = None, dtype: "str | t
     recipe's residuals are checked against the sampler's noise schedule first (:func:`check_schedules`)."""
     recipe = _recipe_of(source)
     folder = Path(pipeline_dir) if pipeline_dir else (_base_pipeline_dir(recipe, resolve, tokenizer) if recipe else None)
+    if folder is not None and (folder / "text_encoder_2").is_dir():
+        raise SamplingError(f"{folder}: an SDXL pipeline (two text encoders); weightlab samples and exports SD1.x/SD2 "
+                            "AnimateDiff pipelines only. Fix: `weightlab merge --recipe R --out DIR` and load DIR's UNet "
+                            "into diffusers' AnimateDiffSDXLPipeline.")
     if recipe is not None and folder is not None:
         check_schedules(recipe, _scheduler_config(folder), resolve=resolve)
     unet, recipe = merged_unet(source, dtype=dtype, device=device, resolve=resolve)

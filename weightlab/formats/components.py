@@ -49,9 +49,11 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in (
               ldm_prefixes=("model.diffusion_model.",)),
     Component("text_encoder", "transformers:CLIPTextModel", "model.safetensors",
               adapter_prefixes=("text_encoder.", "lora_te_", "lora_te1_", "te."),
-              ldm_prefixes=("cond_stage_model.transformer.", "cond_stage_model.model."), strip="text_model."),
+              ldm_prefixes=("cond_stage_model.transformer.", "cond_stage_model.model.",
+                            "conditioner.embedders.0.transformer."), strip="text_model."),
     Component("text_encoder_2", "transformers:CLIPTextModelWithProjection", "model.safetensors",
-              adapter_prefixes=("text_encoder_2.", "lora_te2_"), strip="text_model."),
+              adapter_prefixes=("text_encoder_2.", "lora_te2_"), ldm_prefixes=("conditioner.embedders.1.model.",),
+              strip="text_model."),
     Component("vae", "diffusers:AutoencoderKL", "diffusion_pytorch_model.safetensors",
               ldm_prefixes=("first_stage_model.",)),
 )}

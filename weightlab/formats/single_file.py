@@ -1,13 +1,16 @@
-"""Single-file checkpoints' other components: the CLIP text encoder (``cond_stage_model.*``: SD1.x's transformers CLIP,
-SD2's OpenCLIP) and the VAE (``first_stage_model.*``), converted with diffusers' single-file converters
-(``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``, ``convert_ldm_vae_checkpoint``) into a diffusers
-pipeline folder, so a personalized checkpoint (DreamBooth/Civitai style) is a whole base without a diffusers folder.
+"""Single-file checkpoints' other components: the CLIP text encoder(s) (``cond_stage_model.*``: SD1.x's transformers
+CLIP, SD2's OpenCLIP; SDXL's ``conditioner.embedders.0.transformer.*`` CLIP-L and ``conditioner.embedders.1.model.*``
+OpenCLIP-bigG with its ``text_projection``, diffusers' ``text_encoder_2``) and the VAE (``first_stage_model.*``),
+converted with diffusers' single-file converters (``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``,
+``convert_ldm_vae_checkpoint``) into a diffusers pipeline folder, so a personalized checkpoint (DreamBooth/Civitai
+style) is a whole base without a diffusers folder.
 
 Configs: the family's, shipped in ``weightlab/configs/<family>/`` as a diffusers pipeline config folder (diffusers' own:
 tests/formats/test_single_file_configs.py), unless the file's ``__metadata__`` carries ``weightlab.text_encoder_config``
-/ ``weightlab.vae_config`` (JSON). Each component must have exactly the parameters its config gives. The tokenizer is
-the one component such a file lacks: a folder the user gives, else the family's tokenizer in the Hugging Face cache
-(offline), else :class:`MissingComponentError` saying how to get it.
+/ ``weightlab.vae_config`` (JSON; ``weightlab.text_encoder_2_config`` for SDXL's second). Each component must have
+exactly the parameters its config gives. The tokenizers (SDXL has two, ``tokenizer`` and ``tokenizer_2``) are the one
+component such a file lacks: a folder the user gives, else the family's in the Hugging Face cache (offline), else
+:class:`MissingComponentError` saying how to get them.
 """
 
 from __future__ import annotations
@@ -23,27 +26,34 @@ from weightlab.errors import FileFormatError, MissingComponentError, ShapeMismat
 from weightlab.formats.components import COMPONENTS
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-# Which of diffusers' converters reads each text-encoder prefix (SD1.x's CLIP, SD2's OpenCLIP).
-TEXT_ENCODER_PREFIXES = dict(zip(COMPONENTS["text_encoder"].ldm_prefixes, ("clip", "open_clip")))
+CONVERTED = ("text_encoder", "text_encoder_2", "vae")  # the components besides the UNet a single file may carry
+# Which of diffusers' converters reads each text-encoder prefix: the LDM code keeps a transformers CLIP as
+# ``.transformer`` (SD1.x, SDXL's CLIP-L) and an OpenCLIP model as ``.model`` (SD2's ViT-H, SDXL's bigG).
+TEXT_ENCODER_PREFIXES = {p: "open_clip" if p.endswith(".model.") else "clip"
+                         for c in CONVERTED if c != "vae" for p in COMPONENTS[c].ldm_prefixes}
 VAE_PREFIX = COMPONENTS["vae"].ldm_prefixes[0]
-CONVERTED = ("text_encoder", "vae")  # the components besides the UNet that a single-file checkpoint may carry
 COMPONENT_CONFIGS = {c: f"{c}/config.json" for c in CONVERTED}
 WEIGHT_FILES = {c: f"{c}/{COMPONENTS[c].weights_file}" for c in CONVERTED}
-# The family's tokenizer in the Hugging Face cache, (repo, subfolder), where diffusers' from_single_file looks for it.
+# Where each of the family's tokenizers may be in the Hugging Face cache, (repo, subfolder), in lookup order: the
+# family's diffusers repositories and those diffusers' legacy from_single_file reads.
+_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 TOKENIZER_REPOS = {
-    "sd15": (("openai/clip-vit-large-patch14", ""), ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
-             ("runwayml/stable-diffusion-v1-5", "tokenizer")),
-    "sd2": (("stabilityai/stable-diffusion-2-1", "tokenizer"), ("stabilityai/stable-diffusion-2", "tokenizer")),
+    "sd15": {"tokenizer": (("openai/clip-vit-large-patch14", ""),
+                           ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
+                           ("runwayml/stable-diffusion-v1-5", "tokenizer"))},
+    "sd2": {"tokenizer": (("stabilityai/stable-diffusion-2-1", "tokenizer"),
+                          ("stabilityai/stable-diffusion-2", "tokenizer"))},
+    "sdxl": {"tokenizer": ((_SDXL, "tokenizer"), ("openai/clip-vit-large-patch14", "")),
+             "tokenizer_2": ((_SDXL, "tokenizer_2"), ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", ""))},
 }
 # A CLIP tokenizer is a fast ``tokenizer.json`` or a slow ``vocab.json`` + ``merges.txt`` (repositories hold both).
 TOKENIZER_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-# Buffers transformers recomputes, and OpenCLIP's projection that a CLIPTextModel has no use for.
-_NOT_PARAMETERS = ("position_ids", "text_projection.weight")
 
 
 def components(keys) -> list[str]:
-    """The components besides the UNet that a single-file checkpoint's keys carry (``text_encoder``, ``vae``)."""
+    """The components besides the UNet that a single-file checkpoint's keys carry (``text_encoder``,
+    ``text_encoder_2``, ``vae``)."""
     keys = list(keys)
     return [c for c in CONVERTED if any(k.startswith(COMPONENTS[c].ldm_prefixes) for k in keys)]
 
@@ -52,7 +62,7 @@ def config_dir(family: str) -> Path:
     """The shipped diffusers pipeline config folder of ``family``.
 
     Raises:
-        FileFormatError: weightlab ships none for the family (SDXL's two text encoders are not supported yet).
+        FileFormatError: weightlab ships none for the family.
     """
     folder = CONFIG_ROOT / family
     if not (folder / "model_index.json").is_file():
@@ -61,6 +71,11 @@ def config_dir(family: str) -> Path:
                               "convert the checkpoint with diffusers (`<Pipeline>.from_single_file(FILE).save_pretrained(DIR)`) "
                               "and use DIR as the base.")
     return folder
+
+
+def _pipeline(family: str) -> dict:
+    """The family's ``model_index.json``: which components and tokenizers its pipeline has."""
+    return json.loads((config_dir(family) / "model_index.json").read_text())
 
 
 def _config(family: str, component: str, metadata: dict) -> dict:
@@ -75,18 +90,16 @@ def _config(family: str, component: str, metadata: dict) -> dict:
 
 
 def _model(component: str, config: dict):
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    cls = COMPONENTS[component].model_type()
     if component == "vae":
-        return AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    return CLIPTextModel(CLIPTextConfig(**config))
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    return cls(cls.config_class(**config))
 
 
-def _text_encoder(checkpoint: dict, model) -> dict:
+def _text_encoder(checkpoint: dict, component: str, model) -> dict:
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
-    prefix = next(p for p in TEXT_ENCODER_PREFIXES if any(k.startswith(p) for k in checkpoint))
+    prefix = next(p for p in COMPONENTS[component].ldm_prefixes if any(k.startswith(p) for k in checkpoint))
     part = {k: v for k, v in checkpoint.items() if k.startswith(prefix)}
     if TEXT_ENCODER_PREFIXES[prefix] == "clip":
         converted = convert_ldm_clip_checkpoint(part)
@@ -94,33 +107,42 @@ def _text_encoder(checkpoint: dict, model) -> dict:
         converted = convert_open_clip_checkpoint(model, part, prefix=prefix)
     if not hasattr(model, "text_model"):  # transformers >= 5.6 flattens CLIPTextModel, as diffusers' loader handles
         converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-    return {k: v for k, v in converted.items() if not k.endswith(_NOT_PARAMETERS)}
+    # position_ids: a buffer transformers recomputes; OpenCLIP's projection: kept by a CLIPTextModelWithProjection
+    # (SDXL's text_encoder_2), of no use to a CLIPTextModel (SD2's).
+    unused = ("position_ids",) if hasattr(model, "text_projection") else ("position_ids", "text_projection.weight")
+    return {k: v for k, v in converted.items() if not k.endswith(unused)}
 
 
 def convert_components(checkpoint: dict, family: str, *, metadata: dict | None = None, source: str = "checkpoint",
                        names=None) -> dict[str, dict]:
-    """``{component: diffusers state dict}`` for the text encoder and VAE a single-file checkpoint carries (those in
-    ``names`` only, when given), each with exactly the parameters (and shapes) of the model its config builds.
+    """``{component: diffusers state dict}`` for the text encoder(s) and VAE a single-file checkpoint carries (those
+    in ``names`` only, when given), each with exactly the parameters (and shapes) of the model its config builds.
 
     Raises:
-        UnmatchedKeysError: a component misses parameters, or has some its config's model lacks.
+        UnmatchedKeysError: a component misses parameters, or has some its config's model lacks, or the family's
+            pipeline has no such component (SDXL's ``conditioner.embedders.1`` in an SD1.5 checkpoint).
         ShapeMismatchError: a component is not the family's (e.g. a CLIP of another width), naming the fix.
     """
     import torch
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     out = {}
+    pipeline = _pipeline(family)
     for component in components(checkpoint):
         if names is not None and component not in names:
             continue
+        if component not in pipeline:
+            keys = [k for k in checkpoint if k.startswith(COMPONENTS[component].ldm_prefixes)]
+            raise UnmatchedKeysError(f"{source}: carries a {component} ({fmt_keys(keys, 3)}), which the {family} "
+                                     "pipeline has not. Fix: use a checkpoint of one family (its UNet names it).", keys)
         config = _config(family, component, metadata or {})
         with torch.device("meta"):
             model = _model(component, config)
         if component == "vae":
             state = convert_ldm_vae_checkpoint({k: v for k, v in checkpoint.items() if k.startswith(VAE_PREFIX)}, config)
         else:
-            state = _text_encoder(checkpoint, model)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(_NOT_PARAMETERS)}
+            state = _text_encoder(checkpoint, component, model)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
         where = f"the file's weightlab.{component}_config" if f"weightlab.{component}_config" in (metadata or {}) \
             else f"weightlab/configs/{family}/{COMPONENT_CONFIGS[component]}"
         missing, unknown = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
@@ -140,35 +162,61 @@ def convert_components(checkpoint: dict, family: str, *, metadata: dict | None =
     return out
 
 
-def find_tokenizer(family: str, given: str | Path | None = None) -> Path:
-    """The tokenizer folder to use: ``given`` (a tokenizer folder, or a pipeline folder with ``tokenizer/``), else the
-    family's tokenizer in the Hugging Face cache (no network).
+def find_tokenizers(family: str, given: str | Path | None = None) -> dict[str, Path]:
+    """The folder of each of the family's tokenizers (``tokenizer``; SDXL also ``tokenizer_2``): in ``given`` (a
+    tokenizer folder or a pipeline folder with ``tokenizer/``; for SDXL a folder with ``tokenizer/`` and
+    ``tokenizer_2/``, e.g. the SDXL pipeline's), else the family's in the Hugging Face cache (no network).
 
     Raises:
-        MissingComponentError: none found; the message says how to get one.
+        MissingComponentError: one is not found; the message says how to get it.
     """
+    names = [n for n in _pipeline(family) if n.startswith("tokenizer")]
+    one = names == ["tokenizer"]
     if given is not None:
-        for folder in (Path(given), Path(given) / "tokenizer"):
-            if any(all((folder / f).is_file() for f in files) for files in TOKENIZER_SETS):
-                return folder
-        raise MissingComponentError(f"{given}: no CLIP tokenizer there (tokenizer.json, or vocab.json + merges.txt). "
-                                    "Fix: pass the `tokenizer/` folder of the model's diffusers repository (or the "
-                                    "repository folder).")
+        given = Path(given)
+        found = {n: next((f for f in ((given / n, given) if one else (given / n,)) if _is_tokenizer(f)), None)
+                 for n in names}
+        if missing := [n for n, f in found.items() if f is None]:
+            raise MissingComponentError(
+                f"{given}: no CLIP tokenizer {'there' if one else 'in ' + ', '.join(f'{n}/' for n in missing)} "
+                "(tokenizer.json, or vocab.json + merges.txt). Fix: pass "
+                + ("the `tokenizer/` folder of the model's diffusers repository (or the repository folder)." if one else
+                   f"a folder holding {' and '.join(f'{n}/' for n in names)} (a diffusers repository folder of the "
+                   f"family, e.g. {TOKENIZER_REPOS[family]['tokenizer'][0][0]}'s)."))
+        return found
+    repos = TOKENIZER_REPOS.get(family, {})
+    found = {}
+    for name in names:
+        if (folder := next(filter(None, (_cached(repo, sub) for repo, sub in repos.get(name, ()))), None)) is not None:
+            found[name] = folder
+    missing = [n for n in names if n not in found]
+    if not missing:
+        return found
+    patterns = {}  # the first repository of each missing tokenizer -> what to download from it
+    for repo, sub in (repos[n][0] for n in missing if repos.get(n)):
+        patterns.setdefault(repo, []).extend([f"{sub}/*"] if sub else ["*.json", "*.txt"])
+    fetch = "; ".join(f"`hf download {repo} {' '.join(f'--include {p!r}' for p in pats)}`"
+                      for repo, pats in patterns.items()) or "download the base model's tokenizer folder"
+    looked = ", ".join(f"{r}{'/' + s if s else ''}" for n in missing for r, s in repos.get(n, ())) or "no known repository"
+    raise MissingComponentError(
+        f"a single-file checkpoint carries no tokenizer, and no {family!r} {' or '.join(missing)} is in the Hugging "
+        f"Face cache ({looked}). Fix: {fetch} once (online), or pass a tokenizer folder "
+        f"(--tokenizer DIR; tokenizer=DIR{'' if one else ', holding ' + ' and '.join(f'{n}/' for n in names)}).")
+
+
+def _is_tokenizer(folder: Path) -> bool:
+    return any(all((folder / f).is_file() for f in files) for files in TOKENIZER_SETS)
+
+
+def _cached(repo: str, sub: str) -> Path | None:
+    """The tokenizer folder ``sub`` of ``repo`` in the Hugging Face cache (no network), or None."""
     from huggingface_hub import try_to_load_from_cache
 
-    for repo, sub in TOKENIZER_REPOS.get(family, ()):
-        for files in TOKENIZER_SETS:
-            found = [try_to_load_from_cache(repo, f"{sub}/{f}".lstrip("/")) for f in files]
-            if all(isinstance(f, str) for f in found):
-                return Path(found[0]).parent
-    repos = [f"{r}{'/' + s if s else ''}" for r, s in TOKENIZER_REPOS.get(family, ())]
-    fetch = (f"`huggingface-cli download {TOKENIZER_REPOS[family][0][0]} "
-             f"{' '.join(f'{TOKENIZER_REPOS[family][0][1]}/{f}'.lstrip('/') for f in TOKENIZER_FILES)}`"
-             if family in TOKENIZER_REPOS else "download the base model's tokenizer/ folder")
-    raise MissingComponentError(
-        f"a single-file checkpoint carries no tokenizer, and none of family {family!r} is in the Hugging Face cache "
-        f"({', '.join(repos) or 'no known repository'}). Fix: {fetch} once (online), or pass a tokenizer folder "
-        "(--tokenizer DIR; tokenizer=DIR).")
+    for files in TOKENIZER_SETS:
+        paths = [try_to_load_from_cache(repo, f"{sub}/{f}".lstrip("/")) for f in files]
+        if all(isinstance(p, str) for p in paths):
+            return Path(paths[0]).parent
+    return None
 
 
 def _cache_root() -> Path:
@@ -177,24 +225,29 @@ def _cache_root() -> Path:
 
 def pipeline_folder(source: Path, checkpoint: dict, metadata: dict, family: str, *,
                     tokenizer: str | Path | None = None) -> Path:
-    """A diffusers pipeline folder (``text_encoder/``, ``tokenizer/``, ``vae/``, ``scheduler/``, configs) built from a
-    single-file checkpoint, cached under ``$WEIGHTLAB_HOME/cache/single_file`` by the file (path, size, mtime) and
-    the tokenizer; written atomically. The UNet is not copied: merges read it from the file.
+    """A diffusers pipeline folder (``text_encoder/``, ``tokenizer/``, SDXL's ``text_encoder_2/`` and
+    ``tokenizer_2/``, ``vae/``, ``scheduler/``, configs) built from a single-file checkpoint, cached under
+    ``$WEIGHTLAB_HOME/cache/single_file`` by the file (path, size, mtime) and the tokenizers; written atomically. The
+    UNet is not copied: merges read it from the file.
 
     Raises:
-        MissingComponentError: the file lacks the text encoder or the VAE, or no tokenizer is found.
+        MissingComponentError: the file lacks a text encoder of its family's pipeline or the VAE, or a tokenizer is
+            not found (see :func:`find_tokenizers`).
         FileFormatError, UnmatchedKeysError, ShapeMismatchError: see :func:`config_dir`, :func:`convert_components`.
     """
     from safetensors.torch import save_file
 
-    missing = [c for c in CONVERTED if c not in components(checkpoint)]
+    pipeline = _pipeline(family)
+    missing = [c for c in CONVERTED if c in pipeline and c not in components(checkpoint)]
     if missing:
-        raise MissingComponentError(f"{source}: a single-file checkpoint without its {' and '.join(missing)} cannot "
-                                    "make a pipeline. Fix: use a diffusers pipeline folder as the base, or pass "
+        what = " and ".join(f"{c} ({' or '.join(f'{p}*' for p in COMPONENTS[c].ldm_prefixes)})" for c in missing)
+        raise MissingComponentError(f"{source}: a {family} single-file checkpoint without its {what} cannot make a "
+                                    "pipeline. Fix: use a diffusers pipeline folder as the base, or pass "
                                     "pipeline_dir=DIR for the other components.")
-    tok = find_tokenizer(family, tokenizer)
+    toks = find_tokenizers(family, tokenizer)
     stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{tok.resolve()}".encode()).hexdigest()
+    tok_key = "|".join(str(t.resolve()) for t in toks.values())
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{tok_key}".encode()).hexdigest()
     folder = _cache_root() / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', source.stem)[:40]}-{key[:16]}"
     if (folder / "model_index.json").is_file():
         return folder
@@ -205,10 +258,11 @@ def pipeline_folder(source: Path, checkpoint: dict, metadata: dict, family: str,
     for component, state in converted.items():
         (tmp / COMPONENT_CONFIGS[component]).write_text(json.dumps(_config(family, component, metadata), indent=2))
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHT_FILES[component])
-    (tmp / "tokenizer").mkdir()
-    for name in TOKENIZER_FILES:
-        if (tok / name).is_file():
-            shutil.copyfile(tok / name, tmp / "tokenizer" / name)
+    for sub, tok in toks.items():
+        (tmp / sub).mkdir()
+        for name in TOKENIZER_FILES:
+            if (tok / name).is_file():
+                shutil.copyfile(tok / name, tmp / sub / name)
     try:
         os.replace(tmp, folder)
     except OSError:  # another process built it first
@@ -216,21 +270,26 @@ def pipeline_folder(source: Path, checkpoint: dict, metadata: dict, family: str,
     return folder
 
 
-def text_encoder_to_ldm(state_dict: dict, *, open_clip: bool = False) -> dict:
-    """A transformers ``CLIPTextModel`` state dict in single-file names (inverse of the readers above): SD1.x's
-    ``cond_stage_model.transformer.text_model.*``, or SD2's OpenCLIP ``cond_stage_model.model.*`` (diffusers'
-    ``openclip`` map inverted, q/k/v concatenated into ``in_proj``)."""
+def text_encoder_to_ldm(state_dict: dict, *, prefix: str = "cond_stage_model.transformer.") -> dict:
+    """A transformers ``CLIPTextModel`` (or ``CLIPTextModelWithProjection``) state dict in single-file names under
+    ``prefix`` (a key of :data:`TEXT_ENCODER_PREFIXES`; inverse of the readers above): a transformers CLIP's
+    ``<prefix>text_model.*`` (SD1.x; SDXL's ``conditioner.embedders.0.transformer.``), or OpenCLIP's names (SD2's
+    ``cond_stage_model.model.``, SDXL's ``conditioner.embedders.1.model.``: diffusers' ``openclip`` map inverted, q/k/v
+    concatenated into ``in_proj``, ``text_projection`` transposed)."""
     import torch
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
     sd = {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
-    if not open_clip:
-        return {f"cond_stage_model.transformer.text_model.{k}": v for k, v in sd.items()}
+    if TEXT_ENCODER_PREFIXES[prefix] == "clip":
+        return {f"{prefix}text_model.{k}": v for k, v in sd.items()}
     layers = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
     out = {}
     for k, v in sd.items():
         if "text_model." + k in layers:
             out[layers["text_model." + k]] = v
+            continue
+        if k in layers:  # text_projection.weight: OpenCLIP multiplies by it from the right
+            out[layers[k]] = v.T.contiguous()
             continue
         if ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
             continue  # concatenated with q_proj below
@@ -242,7 +301,7 @@ def text_encoder_to_ldm(state_dict: dict, *, open_clip: bool = False) -> dict:
             head, kind = name.split(".self_attn.q_proj.")
             name, v = f"{head}.attn.in_proj_{kind}", torch.cat([sd[k.replace("q_proj", x)] for x in ("q_proj", "k_proj", "v_proj")])
         out[name] = v
-    return {f"cond_stage_model.model.{k}": v for k, v in out.items()}
+    return {f"{prefix}{k}": v for k, v in out.items()}
 
 
 def vae_to_ldm(state_dict: dict) -> dict:
