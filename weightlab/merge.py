@@ -547,11 +547,12 @@ def merge_to_file(recipe: Recipe, out: str | Path, *, backend: str = "auto", pro
 
 
 def merge_to_folder(recipe: Recipe, out: str | Path, *, backend: str = "auto", progress: bool = True,
-                    resolve: Resolver = resolve_path) -> dict:
+                    resolve: Resolver = resolve_path, tokenizer: str | Path | None = None) -> dict:
     """A diffusers model folder (``UNetMotionModel`` with a motion term, else ``UNet2DConditionModel``):
     ``config.json`` + streamed ``diffusion_pytorch_model.safetensors`` + ``recipe.json``; and, for each other
     component a term changes (``text_encoder/``, ``text_encoder_2/``, ``vae/``), the base pipeline's, its weights
-    merged in their own dtype and the others copied bit for bit. Everything is validated before anything is written."""
+    merged in their own dtype and the others copied bit for bit. Everything is validated before anything is written.
+    ``tokenizer``: for a single-file base whose other components a term changes (`loading.pipeline_dir`)."""
     from weightlab.files import save_tensors
 
     out = Path(out)
@@ -559,7 +560,7 @@ def merge_to_folder(recipe: Recipe, out: str | Path, *, backend: str = "auto", p
         raise WeightlabError(f"{out}: exists and is not a diffusers model folder; refusing to write into it. "
                              "Fix: choose an empty or new folder.")
     base, inputs = load_inputs(recipe, resolve=resolve)
-    parts = _parts(recipe, base, inputs)
+    parts = _parts(recipe, base, inputs, tokenizer=tokenizer)
     comp, meta_model = _unet_composition(recipe, base, inputs)
     out.mkdir(parents=True, exist_ok=True)
     summary = _stream(comp, out / "diffusion_pytorch_model.safetensors", _provenance(recipe, base, inputs),

@@ -163,6 +163,46 @@ def test_full_single_file_as_a_dense_style_term(tiny, files, originals):
         assert (got - want).abs().max().item() <= 1e-6 * max(want.abs().max().item(), 1e-12), k
 
 
+def test_merge_to_folder_composes_a_style_into_a_single_file_base(tiny, files, originals, tmp_path):
+    """A style LoRA with a text-encoder half (written by diffusers' ``save_lora_weights`` from PEFT layers) over the
+    one-file base: ``weightlab merge --tokenizer`` writes the merged text encoder. Reference: diffusers'
+    ``load_lora_weights`` + ``fuse_lora`` on the tiny diffusers folder, whose tensors the file holds; 1e-6 relative
+    to each weight's scale (diffusers rounds twice in fp32, we once). Without a tokenizer (empty HF cache) the merge is
+    refused before anything is written."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from weightlab.cli import app
+    from weightlab.merge import merge_to_folder
+    from weightlab.testing import max_rel_error, with_peft_lora
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny.base_dir)
+    te, te_config = with_peft_lora(pipe.text_encoder, ["q_proj", "v_proj", "fc1"], seed=2, r=4, lora_alpha=8)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "style", text_encoder_lora_layers=get_peft_model_state_dict(te),
+                                              text_encoder_lora_adapter_metadata=te_config.to_dict())
+    lora = tmp_path / "style" / "pytorch_lora_weights.safetensors"
+    recipe = Recipe(base=str(files["personal"]), terms=[Term(source=str(lora), kind="style", scale=0.7)])
+    with pytest.raises(MissingComponentError, match="tokenizer"):
+        merge_to_folder(recipe, tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", "--base", str(files["personal"]), "--style", f"{lora}:0.7", "--out",
+                                      str(out), "--tokenizer", str(tiny.base_dir / "tokenizer")])
+    assert result.exit_code == 0, result.output
+    ref = StableDiffusionPipeline.from_pretrained(tiny.base_dir)
+    ref.load_lora_weights(str(lora))
+    ref.fuse_lora(components=["text_encoder"], lora_scale=0.7)
+    ref.unload_lora_weights()
+    ours = load_file(out / "text_encoder" / "model.safetensors")
+    want = {k: v for k, v in ref.text_encoder.state_dict().items() if k in ours}
+    assert want.keys() == ours.keys()
+    assert max_rel_error(want, {k: originals["text_encoder"][k] for k in want}) > 0.01  # the style changed it
+    assert max_rel_error(want, ours) <= 1e-6
+
+
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     """The tiny SDXL pipeline (`weightlab.testing`) with text encoders of two widths, as SDXL's are (CLIP-L 768;

@@ -37,6 +37,9 @@ def merge_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda (CUDA uses the fused Triton kernel)."),
     save_recipe: Optional[Path] = typer.Option(None, "--save-recipe", help="Also write the recipe used to this YAML file."),
     register: Optional[str] = typer.Option(None, "--register", help="Store the output in the registry as NS/NAME with a merged_from lineage edge."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder for a single-file base whose "
+                                             "text encoder or VAE a term changes (folder output); the family's from "
+                                             "the Hugging Face cache when omitted."),
 ) -> None:
     """Merge w' = w0 + α·style + β·accel + γ·motion exactly (fp32 accumulation, one rounding)."""
     from weightlab.merge import merge_to_file, merge_to_folder
@@ -56,8 +59,10 @@ def merge_cmd(
             r = Recipe.from_dict(dict(base=base, terms=terms, method=method, dtype=dtype, device=device))
         if save_recipe:
             r.save(save_recipe)
-        fn = merge_to_file if out.suffix == ".safetensors" else merge_to_folder
-        summary = fn(r, out, resolve=resolve)
+        if out.suffix == ".safetensors":  # the UNet alone: no other component, so no tokenizer
+            summary = merge_to_file(r, out, resolve=resolve)
+        else:
+            summary = merge_to_folder(r, out, resolve=resolve, tokenizer=tokenizer)
         if register:
             version = register_output(r, out, register, resolve)
     console.print(f"merged {summary['tensors']} tensors ({summary['bytes'] / 1e6:.1f} MB, {r.dtype}) in {summary['seconds']:.2f} s")
