@@ -1,11 +1,10 @@
-"""image-lcm: the consistency property on a tiny teacher, and DDP on two CPU processes (gloo) = one process with
-gradient accumulation (bitwise) and ≈ one process with the doubled batch."""
+"""image-lcm: the consistency property on a tiny teacher, and DDP on two CPU processes (gloo) ≈ one process with
+gradient accumulation ≈ one process with the doubled batch (within float noise)."""
 
 import socket
 import subprocess
 import sys
 
-import pytest
 import torch
 
 import weightlab

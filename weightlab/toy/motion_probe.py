@@ -58,7 +58,7 @@ def probe(teacher: str | Path, motion: str | Path, *, clips: int = 16, frames: i
     models = common.load_base(SimpleNamespace(base=teacher, beta_schedule=None, beta_start=None, beta_end=None),
                               torch.device("cpu"), torch.float32)
     adapter = common.load_motion_adapter(motion)
-    unet = common.motion_unet(copy.deepcopy(models.unet), adapter, base=teacher).eval()
+    unet = common.motion_unet(models.unet, adapter, base=teacher).eval()
     off = copy.deepcopy(unet)
     for name, p in off.named_parameters():
         if ".motion_modules." in name and ".proj_out." in name:
