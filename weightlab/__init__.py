@@ -5,7 +5,7 @@
 Public surface (heavy modules are imported on first use):
     load, Base, Dense, LoRA, MotionModule, inspect_path          residuals and formats
     Recipe, Term, Merger, build_unet, merge_to_file, merge_to_folder    the merge engine
-    VideoPipeline, generate, export_onnx, reweight_onnx, OnnxVideoPipeline    sampling and deployment
+    VideoPipeline, generate, NoisePrior, export_onnx, reweight_onnx, OnnxVideoPipeline    sampling and deployment
     Registry, Client                                             the catalog, local or over HTTP
 """
 
@@ -21,7 +21,7 @@ _LAZY = {
     "Recipe": "weightlab.recipe", "Term": "weightlab.recipe",
     "Merger": "weightlab.merge", "build_unet": "weightlab.merge",
     "merge_to_file": "weightlab.merge", "merge_to_folder": "weightlab.merge",
-    "VideoPipeline": "weightlab.video", "generate": "weightlab.video",
+    "VideoPipeline": "weightlab.video", "generate": "weightlab.video", "NoisePrior": "weightlab.noise_prior",
     "OnnxVideoPipeline": "weightlab.onnx_runtime", "export_onnx": "weightlab.onnx_export",
     "reweight_onnx": "weightlab.onnx_export",
     "Registry": "weightlab.registry.service",

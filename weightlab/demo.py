@@ -146,6 +146,29 @@ def sample_pytorch(demo: Demo) -> None:
     console.print(f"the toy classifier reads: {read}")
 
 
+def sample_moving_noise(demo: Demo) -> None:
+    """The same prompt and seed with moving noise: 90% of each frame's noise shared, and moved the way a toy clip
+    with the prompt's direction moves (``weightlab generate --shared-noise 0.9 --noise-motion DX,DY``). The toy motion
+    module does not follow the prompt's direction (README); the noise can carry it instead."""
+    from weightlab.noise_prior import NoisePrior
+    from weightlab.registry.resolve import LocalResolver
+    from weightlab.toy.data import noise_motion
+    from weightlab.toy.evaluate import Evaluator
+    from weightlab.video import VideoPipeline
+
+    prior = NoisePrior(shared=0.9, motion=noise_motion(PROMPT))
+    with LocalResolver(home=demo.home) as resolve:
+        pipe = VideoPipeline.from_source(demo.merged, resolve=resolve)
+    clip = pipe(PROMPT, frames=16, steps=4, guidance=1.0, seed=0, progress=False, noise=prior)
+    paths = _write(clip, "clip_moving_noise", demo)
+    demo.results["moving"] = (clip, paths)
+    console.print(f"--shared-noise {prior.shared} --noise-motion {prior.motion[0]},{prior.motion[1]}")
+    for kind, path in paths.items():
+        console.print(f"  {kind:<4} {path}")
+    demo.results["read_moving"] = Evaluator.load(demo.family.evaluator).describe(clip.frames)
+    console.print(f"the toy classifier reads: {demo.results['read_moving']}")
+
+
 def export_onnx(demo: Demo) -> None:
     """UNetMotionModel, text encoder and VAE decoder to ONNX, each verified against PyTorch."""
     from weightlab.onnx_export import export_onnx as export
@@ -185,6 +208,7 @@ def sample_onnx(demo: Demo) -> None:
     table.add_row("clips", f"{ref_paths['mp4']}\n{path['mp4']}")
     table.add_row("GIF and frame strip", f"{ref_paths['gif']}\n{ref_paths['png']}")
     table.add_row("the toy classifier reads", demo.results["read"])
+    table.add_row("with moving noise", f"{demo.results['read_moving']}\n{demo.results['moving'][1]['png']}")
     console.print(table)
 
 
@@ -195,6 +219,7 @@ STEPS = [
     ("Merge by registry names (Eq. 2)", merge_by_name),
     ("Lineage of the merge", show_lineage),
     ("Sample 16 frames with PyTorch", sample_pytorch),
+    ("The same clip with moving noise", sample_moving_noise),
     ("Export to ONNX", export_onnx),
     ("Sample with ONNX Runtime", sample_onnx),
 ]

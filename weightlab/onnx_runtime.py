@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from weightlab.errors import ExportError, WeightlabError
+from weightlab.noise_prior import NoisePrior, with_prior
 from weightlab.onnx_manifest import OnnxManifest
 from weightlab.schedules import NoiseSchedule, make_scheduler
 from weightlab.sampling import (DECODE_CHUNK, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Clip,
@@ -179,10 +180,10 @@ class OnnxVideoPipeline:
 
     def __call__(self, prompt: str, *, frames: int = DEFAULT_FRAMES, steps: int = DEFAULT_STEPS,
                  guidance: float = DEFAULT_GUIDANCE, seed: int = 0, height: int | None = None, width: int | None = None,
-                 negative_prompt: str | None = None, progress: bool = True, sampler: str = DEFAULT_SAMPLER) -> Clip:
+                 negative_prompt: str | None = None, progress: bool = True, sampler: str = DEFAULT_SAMPLER,
+                 noise: NoisePrior | None = None) -> Clip:
         """Sample one clip; arguments as :meth:`weightlab.video.VideoPipeline.__call__`."""
         import torch
-        from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
 
         cfg, factor = self.config, self.config.vae_scale_factor
@@ -200,7 +201,9 @@ class OnnxVideoPipeline:
             sync(device)
             t1 = time.perf_counter()
             lcm = self.scheduler
-            scheduler = lcm if sampler == "lcm" else make_scheduler(sampler, lcm.config, NoiseSchedule.from_config(lcm.config))
+            prior = noise or NoisePrior()
+            scheduler = with_prior(lcm if sampler == "lcm" else make_scheduler(
+                sampler, lcm.config, NoiseSchedule.from_config(lcm.config)), prior)
             scheduler.set_timesteps(steps, device=device)
             # Keep the scheduler's tables on the device: LCM and DDIM index them with device timesteps (DPM-Solver++
             # indexes its sigmas with Python ints).
@@ -209,15 +212,15 @@ class OnnxVideoPipeline:
                 scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
             generator = torch.Generator(device).manual_seed(seed)
             shape = (1, cfg.latent_channels, frames, height // factor, width // factor)
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.dtype) * scheduler.init_noise_sigma
+            latents = prior.sample(shape, generator, device, self.dtype) * scheduler.init_noise_sigma
             for t in tqdm(scheduler.timesteps, desc="denoise", disable=not progress):
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
-                noise = self.unet(tuple(model_input.shape), self.dtype, sample=model_input, timestep=t,
-                                  encoder_hidden_states=embeds)
+                eps = self.unet(tuple(model_input.shape), self.dtype, sample=model_input, timestep=t,
+                                encoder_hidden_states=embeds)
                 if do_cfg:
-                    uncond, cond = noise.chunk(2)
-                    noise = uncond + guidance * (cond - uncond)
-                latents = scheduler.step(noise, t, latents, generator=generator).prev_sample
+                    uncond, cond = eps.chunk(2)
+                    eps = uncond + guidance * (cond - uncond)
+                latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
             sync(device)
             t2 = time.perf_counter()
             video = postprocess(self._decode(latents))

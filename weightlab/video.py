@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from weightlab.errors import RecipeError, SamplingError, WeightlabError
+from weightlab.noise_prior import NoisePrior, with_prior
 from weightlab.sampling import (DECODE_CHUNK, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Clip,
                                 check_request, postprocess, sync)
 from weightlab.schedules import NoiseSchedule, check_distilled, make_scheduler, sampling_schedule
@@ -260,7 +261,8 @@ class VideoPipeline:
 
     def __call__(self, prompt: str, *, frames: int = DEFAULT_FRAMES, steps: int = DEFAULT_STEPS,
                  guidance: float = DEFAULT_GUIDANCE, seed: int = 0, height: int | None = None, width: int | None = None,
-                 negative_prompt: str | None = None, progress: bool = True, sampler: str = DEFAULT_SAMPLER) -> Clip:
+                 negative_prompt: str | None = None, progress: bool = True, sampler: str = DEFAULT_SAMPLER,
+                 noise: NoisePrior | None = None) -> Clip:
         """Sample one clip.
 
         Args:
@@ -274,6 +276,8 @@ class VideoPipeline:
             progress (bool, default True): show a progress bar over the steps.
             sampler (str, default "lcm"): ``lcm`` (AnimateLCM's LCMScheduler), ``ddim`` or ``dpmpp`` (DPM-Solver++ 2M),
                 all under the same linear schedule (:data:`weightlab.schedules.SAMPLERS`).
+            noise (NoisePrior | None, default None): how the noise is drawn across frames (shared, moving); None is
+                i.i.d., as diffusers draws it (:mod:`weightlab.noise_prior`).
         Returns:
             Clip: frames in [0, 1], final latents and timings.
         """
@@ -295,12 +299,17 @@ class VideoPipeline:
             cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
             sync(device)
             t1 = time.perf_counter()
-            if sampler != "lcm":  # the baseline sampler under the LCM scheduler's schedule, for this call
-                pipe.scheduler = make_scheduler(sampler, lcm.config, NoiseSchedule.from_config(lcm.config))
+            # this call's sampler: a baseline one under the LCM scheduler's schedule, and per-step noise from the prior
+            prior = noise or NoisePrior()
+            generator = torch.Generator(device).manual_seed(seed)
+            shape = (1, pipe.unet.config.in_channels, frames, height // factor, width // factor)
+            start = None if prior.iid else prior.sample(shape, generator, device, pipe.unet.dtype)
             try:
+                pipe.scheduler = with_prior(lcm if sampler == "lcm" else make_scheduler(
+                    sampler, lcm.config, NoiseSchedule.from_config(lcm.config)), prior)
                 latents = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_frames=frames, height=height,
-                               width=width, num_inference_steps=steps, guidance_scale=guidance,
-                               generator=torch.Generator(device).manual_seed(seed), output_type="latent").frames
+                               width=width, num_inference_steps=steps, guidance_scale=guidance, latents=start,
+                               generator=generator, output_type="latent").frames
             finally:
                 pipe.scheduler = lcm
             sync(device)
@@ -358,7 +367,7 @@ def generate(source, prompt: str, out: str | Path, *, onnx_dir: str | Path | Non
         resolve (Resolver | None, default None): turns the recipe's sources into paths (see :func:`merged_unet`).
         tokenizer (str | Path | None, default None): tokenizer folder for a single-file base (see :func:`load_unet`).
         **sampling: ``frames``, ``steps``, ``guidance``, ``seed``, ``height``, ``width``, ``negative_prompt``, ``progress``,
-            ``sampler``.
+            ``sampler``, ``noise``.
     Returns:
         dict: ``{"mp4", "gif", "seconds", "frames", "size", "backend"}``.
     """

@@ -30,17 +30,24 @@ def generate_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="PyTorch device (cpu, cuda); the recipe's when omitted."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder for a single-file base "
                                              "checkpoint; the family's from the Hugging Face cache when omitted."),
+    shared_noise: float = typer.Option(0.0, "--shared-noise", help="Share (0-1) of each frame's noise common to all "
+                                       "frames (PYoCo's mixed noise); 0 = i.i.d., as motion modules are trained."),
+    noise_motion: Optional[str] = typer.Option(None, "--noise-motion", metavar="DX,DY", help="Move the shared noise "
+                                               "by DX,DY latent pixels per frame (Text2Video-Zero); needs --shared-noise."),
 ) -> None:
     """Sample a video clip (16 frames, 4 LCM steps, no CFG by default) and write it as MP4 and GIF."""
     from rich.table import Table
 
+    from weightlab.noise_prior import NoisePrior
     from weightlab.registry.resolve import LocalResolver
     from weightlab.video import generate
 
     with fail_on_error(), LocalResolver() as resolve:
+        noise = NoisePrior(shared=shared_noise, motion=_pair(noise_motion) if noise_motion else (0.0, 0.0))
         result = generate(recipe, prompt, out, onnx_dir=onnx, provider=provider, gif=gif, fps=fps, device=device, frames=frames,
                           steps=steps, guidance=guidance, seed=seed, height=height, width=width,
-                          negative_prompt=negative_prompt, sampler=sampler, resolve=resolve, tokenizer=tokenizer)
+                          negative_prompt=negative_prompt, sampler=sampler, resolve=resolve, tokenizer=tokenizer,
+                          noise=noise)
     table = Table(title=f"weightlab generate ({result['backend']}, {sampler})")
     for col in ("stage", "seconds"):
         table.add_column(col)
@@ -51,6 +58,17 @@ def generate_cmd(
     console.print(f"mp4: {result['mp4']}")
     if result["gif"]:
         console.print(f"gif: {result['gif']}")
+
+
+def _pair(text: str) -> tuple[float, float]:
+    from weightlab.errors import SamplingError
+
+    try:
+        dx, dy = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SamplingError(f"--noise-motion {text!r}: give DX,DY in latent pixels per frame. Fix: e.g. "
+                            "--noise-motion 0.7,0 (rightwards).") from None
+    return dx, dy
 
 
 def register(app: typer.Typer) -> None:

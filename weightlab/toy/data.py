@@ -53,6 +53,20 @@ def parse_caption(caption: str) -> dict[str, int | None]:
     return {attr: next((i for i, v in enumerate(values) if v in words), None) for attr, values in ATTRIBUTES.items()}
 
 
+
+def noise_motion(caption: str, *, resolution: int = 32, num_frames: int = 16, vae_factor: int = 2) -> tuple[float, float]:
+    """Latent pixels per frame that a toy clip moving the caption's way travels (for
+    :class:`weightlab.noise_prior.NoisePrior`'s ``motion``): a shape of the mean radius crosses the frame once in
+    ``num_frames`` frames (:func:`synthetic_clip`). ``(0, 0)`` when the caption names no direction."""
+    direction = parse_caption(caption)["direction"]
+    if direction is None:
+        return (0.0, 0.0)
+    r = 0.16 * resolution  # synthetic_clip draws radii of 0.12-0.20 of the frame
+    speed = (resolution - 1 - 2 * r) / (num_frames - 1) / vae_factor
+    dx, dy = DIRECTIONS[ATTRIBUTES["direction"][direction]]
+    return (dx * speed, dy * speed)
+
+
 def outline(frames: np.ndarray, width: int = 2) -> np.ndarray:
     """The ``outlined`` style: each shape keeps a ``width``-pixel rim, its inside becomes background."""
     mask = (frames != np.array(BACKGROUND, np.uint8)).any(-1)
