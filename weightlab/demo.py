@@ -39,6 +39,7 @@ class Demo:
     family: "ToyFamily | None" = None  # noqa: F821
     recipe: "Recipe | None" = None  # noqa: F821
     onnx_dir: Path | None = None
+    pipe: "VideoPipeline | None" = None  # noqa: F821  (the merged model's PyTorch pipeline, once sampled)
     refs: dict = field(default_factory=dict)  # kind -> registry reference
     merged: Path | None = None
     results: dict = field(default_factory=dict)  # table rows for the summary
@@ -124,26 +125,32 @@ def _write(clip, name: str, demo: Demo) -> dict[str, Path]:
     return paths
 
 
-def sample_pytorch(demo: Demo) -> None:
-    """16 frames of :data:`PROMPT`, 4 LCM steps, no CFG, from the merged folder with the PyTorch pipeline (its recipe
-    names the base pipeline, whose text encoder and VAE it uses, by registry reference); then what the toy
-    classifier reads in the clip."""
+def _sample(demo: Demo, name: str, noise=None):
+    """:data:`PROMPT`, 16 frames, 4 LCM steps, no CFG, seed 0, from the merged folder with the PyTorch pipeline (built
+    once; its recipe names the base pipeline, whose text encoder and VAE it uses, by registry reference): the clip
+    written as ``name``, and what the toy classifier reads in it."""
     from weightlab.registry.resolve import LocalResolver
     from weightlab.toy.evaluate import Evaluator
     from weightlab.video import VideoPipeline
 
-    with LocalResolver(home=demo.home) as resolve:
-        pipe = VideoPipeline.from_source(demo.merged, resolve=resolve)
-    clip = pipe(PROMPT, frames=16, steps=4, guidance=1.0, seed=0, progress=False)
-    paths = _write(clip, "clip_torch", demo)
-    demo.results["torch"] = (clip, paths)
-    console.print(f"{PROMPT!r}: {clip.frames.shape[0]} frames {clip.frames.shape[1:3]}, "
-                  f"denoise {clip.seconds['denoise']:.2f} s")
+    if demo.pipe is None:
+        with LocalResolver(home=demo.home) as resolve:
+            demo.pipe = VideoPipeline.from_source(demo.merged, resolve=resolve)
+    clip = demo.pipe(PROMPT, frames=16, steps=4, guidance=1.0, seed=0, progress=False, noise=noise)
+    paths = _write(clip, name, demo)
     for kind, path in paths.items():
         console.print(f"  {kind:<4} {path}")
     read = Evaluator.load(demo.family.evaluator).describe(clip.frames)
-    demo.results["read"] = read
     console.print(f"the toy classifier reads: {read}")
+    return clip, paths, read
+
+
+def sample_pytorch(demo: Demo) -> None:
+    """16 frames of :data:`PROMPT` with i.i.d. noise (:func:`_sample`)."""
+    clip, paths, demo.results["read"] = _sample(demo, "clip_torch")
+    demo.results["torch"] = (clip, paths)
+    console.print(f"{PROMPT!r}: {clip.frames.shape[0]} frames {clip.frames.shape[1:3]}, "
+                  f"denoise {clip.seconds['denoise']:.2f} s")
 
 
 def sample_moving_noise(demo: Demo) -> None:
@@ -151,22 +158,12 @@ def sample_moving_noise(demo: Demo) -> None:
     with the prompt's direction moves (``weightlab generate --shared-noise 0.9 --noise-motion DX,DY``). The toy motion
     module does not follow the prompt's direction (README); the noise can carry it instead."""
     from weightlab.noise_prior import NoisePrior
-    from weightlab.registry.resolve import LocalResolver
     from weightlab.toy.data import noise_motion
-    from weightlab.toy.evaluate import Evaluator
-    from weightlab.video import VideoPipeline
 
     prior = NoisePrior(shared=0.9, motion=noise_motion(PROMPT))
-    with LocalResolver(home=demo.home) as resolve:
-        pipe = VideoPipeline.from_source(demo.merged, resolve=resolve)
-    clip = pipe(PROMPT, frames=16, steps=4, guidance=1.0, seed=0, progress=False, noise=prior)
-    paths = _write(clip, "clip_moving_noise", demo)
-    demo.results["moving"] = (clip, paths)
     console.print(f"--shared-noise {prior.shared} --noise-motion {prior.motion[0]},{prior.motion[1]}")
-    for kind, path in paths.items():
-        console.print(f"  {kind:<4} {path}")
-    demo.results["read_moving"] = Evaluator.load(demo.family.evaluator).describe(clip.frames)
-    console.print(f"the toy classifier reads: {demo.results['read_moving']}")
+    clip, paths, demo.results["read_moving"] = _sample(demo, "clip_moving_noise", prior)
+    demo.results["moving"] = (clip, paths)
 
 
 def export_onnx(demo: Demo) -> None:

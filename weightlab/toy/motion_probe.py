@@ -39,6 +39,16 @@ def _opposite(caption: str) -> str:
 
 
 @torch.no_grad()
+def motion_off(unet):
+    """``unet`` (a UNetMotionModel) with its motion modules' output projections zeroed, in place: the image model
+    frame by frame (a fresh module's starting point)."""
+    for name, p in unet.named_parameters():
+        if ".motion_modules." in name and ".proj_out." in name:
+            p.zero_()
+    return unet
+
+
+@torch.no_grad()
 def probe(teacher: str | Path, motion: str | Path, *, clips: int = 16, frames: int = 16,
           timesteps: tuple[int, ...] = TIMESTEPS, seed: int = 0) -> dict[int, dict[str, float]]:
     """ε-MSE per ``t`` and column (see the module's docstring) of ``teacher`` + ``motion`` on ``clips`` held-out clips.
@@ -59,10 +69,7 @@ def probe(teacher: str | Path, motion: str | Path, *, clips: int = 16, frames: i
                               torch.device("cpu"), torch.float32)
     adapter = common.load_motion_adapter(motion)
     unet = common.motion_unet(models.unet, adapter, base=teacher).eval()
-    off = copy.deepcopy(unet)
-    for name, p in off.named_parameters():
-        if ".motion_modules." in name and ".proj_out." in name:
-            p.zero_()
+    off = motion_off(copy.deepcopy(unet))
 
     real = toy_set(clips, start=HELD_OUT, num_frames=frames)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(clips)]

@@ -26,12 +26,12 @@ ROWS = ("i.i.d.", "shared", "shared + moving", "shared + moving, motion off")
 def noise_table(*, clips: int = 64, shared: float = 0.9, steps: int = 4) -> dict[str, dict[str, float]]:
     """``{row: {"fvd", "shape", "colour", "direction", "all"}}`` for :data:`ROWS` over ``clips`` held-out prompts."""
     import numpy as np
-    import torch
 
     from weightlab.noise_prior import NoisePrior
     from weightlab.toy.data import HELD_OUT, noise_motion, toy_set
     from weightlab.toy.evaluate import Evaluator
     from weightlab.toy.family import toy_family
+    from weightlab.toy.motion_probe import motion_off
     from weightlab.video import VideoPipeline
 
     family = toy_family()
@@ -39,13 +39,13 @@ def noise_table(*, clips: int = 64, shared: float = 0.9, steps: int = 4) -> dict
     real = toy_set(clips, start=HELD_OUT)
     pipe = VideoPipeline.from_source(family.recipe(style=0))
     off = VideoPipeline.from_source(family.recipe(style=0))
-    with torch.no_grad():
-        for name, p in off.pipe.unet.named_parameters():
-            if ".motion_modules." in name and ".proj_out." in name:
-                p.zero_()
-    priors = {"i.i.d.": lambda c: None, "shared": lambda c: NoisePrior(shared),
-              "shared + moving": lambda c: NoisePrior(shared, noise_motion(c)),
-              "shared + moving, motion off": lambda c: NoisePrior(shared, noise_motion(c))}
+    motion_off(off.pipe.unet)
+
+    def moving(caption: str) -> NoisePrior:
+        return NoisePrior(shared, noise_motion(caption))
+
+    priors = {"i.i.d.": lambda c: None, "shared": lambda c: NoisePrior(shared), "shared + moving": moving,
+              "shared + moving, motion off": moving}
     out = {}
     for row in ROWS:
         model = off if "motion off" in row else pipe
